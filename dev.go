@@ -1,0 +1,126 @@
+package main
+
+// dev.go is what makes `go run .` work with no Kafka installed: an embedded
+// Kafka-protocol broker (kfake) and a stand-in Payment Service. Neither runs
+// when KAFKA_BROKERS points at a real cluster (unless DEMO_PAYMENTS=true).
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// demoPaymentLimit is the largest amount (minor units) the demo responder
+// pays; anything above FAILS, so a curl user can see both outcomes.
+const demoPaymentLimit = 100_000
+
+// startEmbeddedKafka starts a one-broker kfake cluster on addr whose log is
+// kept in dir, so restarting `go run .` loses no message.
+func startEmbeddedKafka(addr, dir string) (*kfake.Cluster, error) {
+	c, err := kfake.NewCluster(
+		kfake.NumBrokers(1),
+		kfake.ListenFn(func(network, _ string) (net.Listener, error) { return net.Listen(network, addr) }),
+		kfake.DataDir(dir),
+	)
+	if err != nil {
+		return nil, fmt.Errorf("embedded kafka on %s (data %s): %w", addr, dir, err)
+	}
+	return c, nil
+}
+
+// ensureTopics creates the service's topics if they are missing, retrying
+// while the broker is unreachable: the service starts and takes orders during
+// a broker outage, and the outbox holds them until the topics exist.
+func ensureTopics(ctx context.Context, cl *kgo.Client, log *slog.Logger, partitions int32, topics ...string) {
+	adm := kadm.NewClient(cl)
+	for failures := 1; ctx.Err() == nil; failures++ {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		resp, err := adm.CreateTopics(cctx, partitions, -1, nil, topics...)
+		cancel()
+		if err == nil {
+			for _, t := range resp.Sorted() {
+				if t.Err != nil && !errors.Is(t.Err, kerr.TopicAlreadyExists) {
+					err = fmt.Errorf("create topic %s: %w", t.Topic, t.Err)
+					break
+				}
+			}
+		}
+		if err == nil {
+			log.InfoContext(ctx, "kafka topics ready", "topics", topics)
+			return
+		}
+		d := backoff(failures)
+		log.WarnContext(ctx, "kafka topics not created yet, retrying", "err", err, "retry_in", d)
+		sleep(ctx, d)
+	}
+}
+
+// demoPayments stands in for the Payment Service: it answers every pay-order
+// event on payment-results, in its own consumer group, committing only after
+// its answers are written.
+func demoPayments(ctx context.Context, brokers []string, payOrderTopic, resultsTopic, group string, log *slog.Logger) error {
+	cl, err := kgo.NewClient(
+		kgo.SeedBrokers(brokers...),
+		kgo.ClientID("order-service-demo-payments"),
+		kgo.ConsumerGroup(group),
+		kgo.ConsumeTopics(payOrderTopic),
+		kgo.DisableAutoCommit(),
+	)
+	if err != nil {
+		return fmt.Errorf("demo payments client: %w", err)
+	}
+	defer cl.Close()
+	for {
+		fetches := cl.PollFetches(ctx)
+		if fetches.IsClientClosed() || ctx.Err() != nil {
+			return nil
+		}
+		var answers []*kgo.Record
+		fetches.EachRecord(func(rec *kgo.Record) {
+			var ev struct {
+				OrderID string `json:"order_id"`
+				Amount  int64  `json:"amount"`
+			}
+			if err := json.Unmarshal(rec.Value, &ev); err != nil {
+				log.WarnContext(ctx, "demo payments: skipping undecodable pay-order", "offset", rec.Offset, "err", err)
+				return
+			}
+			res := map[string]string{"order_id": ev.OrderID, "status": "PAID"}
+			if ev.Amount > demoPaymentLimit {
+				res["status"] = "FAILED"
+				res["reason"] = fmt.Sprintf("amount %d exceeds the demo limit of %d", ev.Amount, demoPaymentLimit)
+			}
+			b, _ := json.Marshal(res)
+			answers = append(answers, &kgo.Record{Topic: resultsTopic, Key: rec.Key, Value: b})
+		})
+		if len(answers) == 0 {
+			continue
+		}
+		// The fetch position has moved past these events: retry the
+		// answers here, or they would be lost until a restart.
+		for failures := 1; ; failures++ {
+			err := cl.ProduceSync(ctx, answers...).FirstErr()
+			if err == nil || ctx.Err() != nil {
+				break
+			}
+			d := backoff(failures)
+			log.WarnContext(ctx, "demo payments: answer failed, retrying", "err", err, "retry_in", d)
+			sleep(ctx, d)
+		}
+		if ctx.Err() != nil {
+			return nil
+		}
+		if err := cl.CommitUncommittedOffsets(ctx); err != nil && ctx.Err() == nil {
+			log.WarnContext(ctx, "demo payments: commit failed", "err", err)
+		}
+	}
+}

@@ -1,0 +1,741 @@
+// Command order-service is the Order Service of the online shop «Гоzон». It
+// takes orders over HTTP, stores them in PostgreSQL, and talks to the Payment
+// Service only through Kafka, using the transactional outbox pattern.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "-healthcheck" {
+		os.Exit(healthcheck(os.Getenv))
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	go func() {
+		<-ctx.Done()
+		stop() // from now on a second Ctrl-C kills at once
+	}()
+	if err := run(ctx, os.Getenv, os.Stdout); err != nil {
+		fmt.Fprintf(os.Stderr, "order-service: %v\n", err)
+		os.Exit(1)
+	}
+}
+
+// Topic names of the Kafka contract and the consumer group (before
+// KAFKA_TOPIC_PREFIX).
+const (
+	topicPayOrder       = "pay-order"
+	topicPaymentResults = "payment-results"
+	topicPaymentDLQ     = "payment-results.dlq"
+	consumerGroup       = "order-service"
+)
+
+type config struct {
+	HTTPAddr          string
+	DatabaseURL       string
+	KafkaBrokers      []string
+	EmbeddedKafkaAddr string
+	EmbeddedKafkaDir  string
+	DemoPayments      bool
+	TopicPrefix       string
+	TopicPartitions   int32
+	StartupTimeout    time.Duration
+	ShutdownTimeout   time.Duration
+	RelayBatchSize    int
+	RelayPollInterval time.Duration
+	ProduceTimeout    time.Duration
+	OutboxRetention   time.Duration
+	LogLevel          slog.Level
+}
+
+func (c config) topic(name string) string { return c.TopicPrefix + name }
+
+// loadConfig reads the environment; every variable has a default that makes
+// `go run .` work on a developer machine.
+func loadConfig(getenv func(string) string) (config, error) {
+	var errs []error
+	str := func(key, def string) string {
+		if v := strings.TrimSpace(getenv(key)); v != "" {
+			return v
+		}
+		return def
+	}
+	dur := func(key string, def time.Duration) time.Duration {
+		v := str(key, "")
+		if v == "" {
+			return def
+		}
+		d, err := time.ParseDuration(v)
+		if err != nil || d <= 0 {
+			errs = append(errs, fmt.Errorf("%s=%q: want a positive duration such as 1s or 500ms", key, v))
+		}
+		return d
+	}
+	num := func(key string, def, lo, hi int) int {
+		v := str(key, "")
+		if v == "" {
+			return def
+		}
+		n, err := strconv.Atoi(v)
+		if err != nil || n < lo || n > hi {
+			errs = append(errs, fmt.Errorf("%s=%q: want an integer from %d to %d", key, v, lo, hi))
+		}
+		return n
+	}
+
+	c := config{
+		HTTPAddr:          str("HTTP_ADDR", ":8081"),
+		DatabaseURL:       str("DATABASE_URL", ""),
+		EmbeddedKafkaAddr: str("EMBEDDED_KAFKA_ADDR", "127.0.0.1:9092"),
+		EmbeddedKafkaDir:  str("EMBEDDED_KAFKA_DIR", ""),
+		TopicPrefix:       str("KAFKA_TOPIC_PREFIX", ""),
+		TopicPartitions:   int32(num("KAFKA_TOPIC_PARTITIONS", 3, 1, 1000)),
+		StartupTimeout:    dur("STARTUP_TIMEOUT", 30*time.Second),
+		ShutdownTimeout:   dur("SHUTDOWN_TIMEOUT", 10*time.Second),
+		RelayBatchSize:    num("RELAY_BATCH_SIZE", 500, 1, 10000),
+		RelayPollInterval: dur("RELAY_POLL_INTERVAL", time.Second),
+		ProduceTimeout:    dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
+		OutboxRetention:   dur("OUTBOX_RETENTION", 24*time.Hour),
+	}
+	for _, b := range strings.Split(str("KAFKA_BROKERS", ""), ",") {
+		if b = strings.TrimSpace(b); b != "" {
+			c.KafkaBrokers = append(c.KafkaBrokers, b)
+		}
+	}
+	if c.EmbeddedKafkaDir == "" {
+		cache, err := os.UserCacheDir()
+		if err != nil {
+			cache = os.TempDir()
+		}
+		c.EmbeddedKafkaDir = filepath.Join(cache, "order-service", "kafka")
+	}
+	switch v := strings.ToLower(str("DEMO_PAYMENTS", "")); v {
+	case "":
+		c.DemoPayments = len(c.KafkaBrokers) == 0
+	case "true", "1", "yes":
+		c.DemoPayments = true
+	case "false", "0", "no":
+	default:
+		errs = append(errs, fmt.Errorf("DEMO_PAYMENTS=%q: want true or false", v))
+	}
+	if err := c.LogLevel.UnmarshalText([]byte(str("LOG_LEVEL", "info"))); err != nil {
+		errs = append(errs, fmt.Errorf("LOG_LEVEL: %w", err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return c, fmt.Errorf("configuration: %w", err)
+	}
+	return c, nil
+}
+
+// run is the whole program; main only adds the OS. Tests call it with their
+// own environment and cancel ctx to shut it down.
+func run(ctx context.Context, getenv func(string) string, stdout io.Writer) error {
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
+
+	db, err := connectDB(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	if err := applySchema(ctx, db); err != nil {
+		return err
+	}
+
+	brokers := cfg.KafkaBrokers
+	if len(brokers) == 0 {
+		kf, err := startEmbeddedKafka(cfg.EmbeddedKafkaAddr, cfg.EmbeddedKafkaDir)
+		if err != nil {
+			return fmt.Errorf("%w (is another order-service running? set EMBEDDED_KAFKA_ADDR or KAFKA_BROKERS)", err)
+		}
+		defer kf.Close()
+		brokers = kf.ListenAddrs()
+		log.Info("embedded kafka started", "addr", brokers[0], "data_dir", cfg.EmbeddedKafkaDir)
+	}
+
+	producer, err := kgo.NewClient(
+		kgo.SeedBrokers(brokers...),
+		kgo.ClientID("order-service"),
+		// acks=all and idempotent writes are kgo's defaults. This lets the
+		// relay's deadline fail even in-flight records, so a stalled
+		// broker cannot hold outbox row locks forever; the price is a
+		// possible duplicate, which at-least-once delivery allows anyway.
+		kgo.AllowIdempotentProduceCancellation(),
+	)
+	if err != nil {
+		return fmt.Errorf("kafka producer: %w", err)
+	}
+	defer producer.Close()
+	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log)
+	if err != nil {
+		return fmt.Errorf("kafka consumer: %w", err)
+	}
+
+	m := newMetrics()
+	// Workers outlive ctx: they are stopped in order during shutdown.
+	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopWork()
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		ensureTopics(workCtx, producer, log, cfg.TopicPartitions,
+			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
+	})
+	r := &relay{db: db, kafka: producer, log: log, metrics: m, batchSize: cfg.RelayBatchSize,
+		pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout, retention: cfg.OutboxRetention}
+	wg.Go(func() { r.run(workCtx) })
+	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m}
+	consumerDone := make(chan struct{})
+	go func() {
+		defer close(consumerDone)
+		c.run(workCtx)
+	}()
+	if cfg.DemoPayments {
+		log.Info("demo payments on: orders up to the limit are PAID, larger ones FAILED", "limit", demoPaymentLimit)
+		wg.Go(func() {
+			if err := demoPayments(workCtx, brokers, cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults),
+				cfg.topic(consumerGroup)+"-demo-payments", log); err != nil {
+				log.Error("demo payments stopped", "err", err)
+			}
+		})
+	}
+
+	srv := &http.Server{
+		Handler:           newServer(log, db, producer, m, cfg),
+		ReadHeaderTimeout: 5 * time.Second, // slow-loris clients
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		stopWork()
+		wg.Wait()
+		<-consumerDone
+		group.CloseAllowingRebalance()
+		return fmt.Errorf("listen: %w", err)
+	}
+	log.Info("http server listening", "addr", ln.Addr().String())
+	srvErr := make(chan error, 1)
+	go func() { srvErr <- srv.Serve(ln) }()
+
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-srvErr:
+		err = fmt.Errorf("http server: %w", err)
+	}
+
+	// Shutdown order: stop taking requests and finish those in flight;
+	// let the relay finish its batch and the consumer commit what it
+	// applied; leave the group; flush the producer.
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	defer cancel()
+	if serr := srv.Shutdown(sctx); serr != nil {
+		log.Warn("http shutdown", "err", serr)
+	}
+	stopWork()
+	wg.Wait()
+	<-consumerDone
+	if lerr := group.LeaveGroupContext(sctx); lerr != nil {
+		log.Warn("leave consumer group", "err", lerr)
+	}
+	group.CloseAllowingRebalance()
+	if ferr := producer.Flush(sctx); ferr != nil {
+		log.Warn("flush producer", "err", ferr)
+	}
+	log.Info("stopped")
+	return err
+}
+
+// connectDB retries for STARTUP_TIMEOUT, so the service may start before its
+// database (as in docker compose), then gives up with the address it tried.
+func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool, error) {
+	pcfg, err := pgxpool.ParseConfig(cfg.DatabaseURL)
+	if err != nil {
+		return nil, fmt.Errorf("DATABASE_URL: %w", err)
+	}
+	if pcfg.ConnConfig.ConnectTimeout == 0 || pcfg.ConnConfig.ConnectTimeout > 3*time.Second {
+		// Requests must fail fast while the database is down, not hang.
+		pcfg.ConnConfig.ConnectTimeout = 3 * time.Second
+	}
+	where := fmt.Sprintf("%s:%d/%s", pcfg.ConnConfig.Host, pcfg.ConnConfig.Port, pcfg.ConnConfig.Database)
+	db, err := pgxpool.NewWithConfig(ctx, pcfg)
+	if err != nil {
+		return nil, fmt.Errorf("database %s: %w", where, err)
+	}
+	deadline := time.Now().Add(cfg.StartupTimeout)
+	for failures := 1; ; failures++ {
+		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		err = db.Ping(pctx)
+		cancel()
+		if err == nil {
+			log.Info("database connected", "addr", where)
+			return db, nil
+		}
+		if ctx.Err() != nil || time.Now().After(deadline) {
+			db.Close()
+			return nil, fmt.Errorf("database %s unreachable after %s: %w", where, cfg.StartupTimeout, err)
+		}
+		d := backoff(failures)
+		log.Warn("database not reachable yet, retrying", "addr", where, "err", err, "retry_in", d)
+		sleep(ctx, d)
+	}
+}
+
+// newServer builds the HTTP handler: every route, then the middleware.
+func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, m *metrics, cfg config) http.Handler {
+	mux := http.NewServeMux()
+	addRoutes(mux, log, db, kafka, m, cfg)
+	return m.instrument(recoverPanics(log, mux))
+}
+
+// addRoutes is the whole API surface in one place.
+func addRoutes(mux *http.ServeMux, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, m *metrics, cfg config) {
+	mux.Handle("POST /orders", handleCreateOrder(log, db, m, cfg.topic(topicPayOrder)))
+	mux.Handle("GET /orders", handleListOrders(log, db))
+	mux.Handle("GET /orders/{id}", handleGetOrder(log, db))
+	mux.Handle("GET /healthz", handleHealthz())
+	mux.Handle("GET /readyz", handleReadyz(db, kafka))
+	mux.Handle("GET /metrics", handleMetrics(m, func(ctx context.Context) (outboxStats, error) {
+		return getOutboxStats(ctx, db)
+	}))
+}
+
+const (
+	maxBodyBytes     = 1 << 20
+	maxDescription   = 1000
+	maxUserID        = 128
+	maxIdempotency   = 255
+	defaultPageSize  = 50
+	maxPageSize      = 500
+	requestDBTimeout = 3 * time.Second
+)
+
+type createOrderRequest struct {
+	Amount      *int64  `json:"amount"`
+	Description *string `json:"description"`
+}
+
+func handleCreateOrder(log *slog.Logger, db *pgxpool.Pool, m *metrics, topic string) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, ok := requireUser(w, r)
+		if !ok {
+			return
+		}
+		var idemKey *string
+		if vals := r.Header.Values("Idempotency-Key"); len(vals) > 0 {
+			k := vals[0]
+			if len(vals) > 1 || !printable(k, maxIdempotency) {
+				writeProblem(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be one header of 1 to %d printable characters", maxIdempotency))
+				return
+			}
+			idemKey = &k
+		}
+		req, err := decodeJSON[createOrderRequest](w, r)
+		if err != nil {
+			writeDecodeError(w, err)
+			return
+		}
+		if req.Amount == nil {
+			writeProblem(w, http.StatusBadRequest, "amount is required")
+			return
+		}
+		if *req.Amount <= 0 {
+			writeProblem(w, http.StatusBadRequest, "amount must be a positive integer (minor units)")
+			return
+		}
+		var desc string
+		if req.Description != nil {
+			desc = *req.Description
+		}
+		if n := utf8.RuneCountInString(desc); n > maxDescription {
+			writeProblem(w, http.StatusBadRequest, fmt.Sprintf("description is %d characters long; at most %d are allowed", n, maxDescription))
+			return
+		}
+		if strings.ContainsRune(desc, 0) {
+			writeProblem(w, http.StatusBadRequest, "description must not contain NUL characters")
+			return
+		}
+
+		h := sha256.New()
+		binary.Write(h, binary.BigEndian, *req.Amount) //nolint:errcheck // hashes never fail
+		h.Write([]byte(desc))
+		in := newOrder{ID: newUUID(), UserID: userID, Amount: *req.Amount, Description: desc,
+			IdempotencyKey: idemKey, RequestHash: h.Sum(nil)}
+
+		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+		defer cancel()
+		order, created, err := createOrder(ctx, db, topic, in)
+		switch {
+		case errors.Is(err, errIdempotencyConflict):
+			writeProblem(w, http.StatusConflict, "this Idempotency-Key was already used with a different request body")
+			return
+		case err != nil:
+			writeDBError(w, r, log, err)
+			return
+		}
+		if !created {
+			writeJSON(w, http.StatusOK, order)
+			return
+		}
+		m.ordersCreated.Add(1)
+		log.InfoContext(ctx, "order created", "order_id", order.ID, "user_id", order.UserID, "amount", order.Amount)
+		w.Header().Set("Location", "/orders/"+order.ID)
+		writeJSON(w, http.StatusCreated, order)
+	})
+}
+
+type orderPage struct {
+	Orders     []Order `json:"orders"`
+	NextCursor string  `json:"next_cursor,omitempty"`
+}
+
+func handleListOrders(log *slog.Logger, db *pgxpool.Pool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, ok := requireUser(w, r)
+		if !ok {
+			return
+		}
+		q := r.URL.Query()
+		limit := defaultPageSize
+		if v := q.Get("limit"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > maxPageSize {
+				writeProblem(w, http.StatusBadRequest, fmt.Sprintf("limit must be an integer from 1 to %d", maxPageSize))
+				return
+			}
+			limit = n
+		}
+		after := firstPage
+		if v := q.Get("cursor"); v != "" {
+			k, err := decodeCursor(v)
+			if err != nil {
+				writeProblem(w, http.StatusBadRequest, "cursor is not one this service issued")
+				return
+			}
+			after = k
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+		defer cancel()
+		// One row more than asked tells whether another page follows.
+		orders, err := listOrders(ctx, db, userID, after, limit+1)
+		if err != nil {
+			writeDBError(w, r, log, err)
+			return
+		}
+		page := orderPage{Orders: orders}
+		if len(orders) > limit {
+			page.Orders = orders[:limit]
+			last := page.Orders[limit-1]
+			page.NextCursor = encodeCursor(pageKey{CreatedAt: last.CreatedAt, ID: last.ID})
+		}
+		writeJSON(w, http.StatusOK, page)
+	})
+}
+
+func handleGetOrder(log *slog.Logger, db *pgxpool.Pool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, ok := requireUser(w, r)
+		if !ok {
+			return
+		}
+		id := strings.ToLower(r.PathValue("id"))
+		if !isUUID(id) {
+			writeProblem(w, http.StatusBadRequest, "order id must be a UUID")
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+		defer cancel()
+		order, err := getOrder(ctx, db, userID, id)
+		switch {
+		case errors.Is(err, errNotFound):
+			writeProblem(w, http.StatusNotFound, "no order "+id)
+		case err != nil:
+			writeDBError(w, r, log, err)
+		default:
+			writeJSON(w, http.StatusOK, order)
+		}
+	})
+}
+
+func handleHealthz() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+}
+
+// handleReadyz reports whether this instance can do its work: a load balancer
+// should stop sending it orders while either dependency is unreachable.
+func handleReadyz(db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		checks := map[string]string{"database": "ok", "kafka": "ok"}
+		code := http.StatusOK
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		check := func(name string, ping func(context.Context) error) {
+			if err := ping(ctx); err != nil {
+				mu.Lock()
+				checks[name], code = "unavailable: "+err.Error(), http.StatusServiceUnavailable
+				mu.Unlock()
+			}
+		}
+		wg.Go(func() { check("database", db.Ping) })
+		wg.Go(func() { check("kafka", kafka.Ping) })
+		wg.Wait()
+		writeJSON(w, code, checks)
+	})
+}
+
+// requireUser reads X-User-Id. Authentication happens upstream (a gateway);
+// this service trusts the header but still bounds what it stores.
+func requireUser(w http.ResponseWriter, r *http.Request) (string, bool) {
+	vals := r.Header.Values("X-User-Id")
+	if len(vals) == 0 || vals[0] == "" {
+		writeProblem(w, http.StatusUnauthorized, "the X-User-Id header is required")
+		return "", false
+	}
+	if len(vals) > 1 || !printable(vals[0], maxUserID) {
+		writeProblem(w, http.StatusBadRequest, fmt.Sprintf("X-User-Id must be one header of 1 to %d printable characters", maxUserID))
+		return "", false
+	}
+	return vals[0], true
+}
+
+func printable(s string, maxChars int) bool {
+	if s == "" || !utf8.ValidString(s) || utf8.RuneCountInString(s) > maxChars {
+		return false
+	}
+	for _, c := range s {
+		if !unicode.IsPrint(c) {
+			return false
+		}
+	}
+	return true
+}
+
+// decodeJSON reads exactly one JSON object of at most maxBodyBytes with no
+// unknown fields.
+func decodeJSON[T any](w http.ResponseWriter, r *http.Request) (T, error) {
+	var v T
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&v); err != nil {
+		return v, err
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		var mbe *http.MaxBytesError
+		if errors.As(err, &mbe) {
+			return v, err
+		}
+		return v, errors.New("request body must hold a single JSON object")
+	}
+	return v, nil
+}
+
+func writeDecodeError(w http.ResponseWriter, err error) {
+	var (
+		mbe *http.MaxBytesError
+		se  *json.SyntaxError
+		te  *json.UnmarshalTypeError
+	)
+	switch {
+	case errors.As(err, &mbe):
+		writeProblem(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body is larger than %d bytes", mbe.Limit))
+	case errors.Is(err, io.EOF):
+		writeProblem(w, http.StatusBadRequest, "request body is empty; want a JSON object such as {\"amount\": 1000}")
+	case errors.As(err, &se), errors.Is(err, io.ErrUnexpectedEOF):
+		writeProblem(w, http.StatusBadRequest, "request body is not valid JSON: "+err.Error())
+	case errors.As(err, &te) && te.Field == "amount":
+		writeProblem(w, http.StatusBadRequest, fmt.Sprintf("amount must be an integer from 1 to %d (minor units), got %s", int64(1<<63-1), te.Value))
+	case errors.As(err, &te) && te.Field != "":
+		writeProblem(w, http.StatusBadRequest, fmt.Sprintf("%s must be a %s, got %s", te.Field, te.Type, te.Value))
+	case errors.As(err, &te):
+		writeProblem(w, http.StatusBadRequest, "request body must be a JSON object, got "+te.Value)
+	default:
+		// Unknown fields and trailing data; the decoder's text names the field.
+		writeProblem(w, http.StatusBadRequest, strings.TrimPrefix(err.Error(), "json: "))
+	}
+}
+
+// writeDBError answers 503 when the database is unreachable or too slow (the
+// client may retry) and 500 for anything else, which is a bug.
+func writeDBError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
+	if errors.Is(r.Context().Err(), context.Canceled) {
+		return // the client went away
+	}
+	if dbUnavailable(err) {
+		log.WarnContext(r.Context(), "database unavailable", "route", r.Pattern, "err", err)
+		w.Header().Set("Retry-After", "1")
+		writeProblem(w, http.StatusServiceUnavailable, "the database is unavailable; retry later")
+		return
+	}
+	log.ErrorContext(r.Context(), "request failed", "route", r.Pattern, "err", err)
+	writeProblem(w, http.StatusInternalServerError, "internal error")
+}
+
+func dbUnavailable(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		// connection_exception, insufficient_resources, operator_intervention
+		c := pgErr.Code[:2]
+		return c == "08" || c == "53" || c == "57"
+	}
+	var netErr net.Error
+	var connectErr *pgconn.ConnectError
+	return errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
+		errors.As(err, &netErr) || errors.As(err, &connectErr) || errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "conn closed")
+}
+
+// problem is an RFC 9457 problem details object.
+type problem struct {
+	Type   string `json:"type"`
+	Title  string `json:"title"`
+	Status int    `json:"status"`
+	Detail string `json:"detail"`
+}
+
+func writeProblem(w http.ResponseWriter, status int, detail string) {
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(problem{Type: "about:blank", Title: http.StatusText(status), Status: status, Detail: detail}) //nolint:errcheck // the client is gone
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v) //nolint:errcheck // the client is gone
+}
+
+func recoverPanics(log *slog.Logger, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				log.ErrorContext(r.Context(), "panic serving request", "route", r.Pattern, "panic", v)
+				writeProblem(w, http.StatusInternalServerError, "internal error")
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// The cursor is opaque to clients: base64url of "<created_at µs>.<id>".
+func encodeCursor(k pageKey) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(k.CreatedAt.UnixMicro(), 10) + "." + k.ID))
+}
+
+func decodeCursor(s string) (pageKey, error) {
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil {
+		return pageKey{}, err
+	}
+	ts, id, ok := strings.Cut(string(b), ".")
+	us, err := strconv.ParseInt(ts, 10, 64)
+	if !ok || err != nil || !isUUID(id) {
+		return pageKey{}, errors.New("malformed cursor")
+	}
+	return pageKey{CreatedAt: time.UnixMicro(us).UTC(), ID: id}, nil
+}
+
+// newUUID returns a version 7 UUID: time-ordered, so new orders and events
+// land at the right edge of their indexes instead of at random pages.
+func newUUID() string {
+	var u [16]byte
+	binary.BigEndian.PutUint64(u[:8], uint64(time.Now().UnixMilli())<<16)
+	rand.Read(u[6:])
+	u[6] = u[6]&0x0f | 0x70 // version 7
+	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
+	var s [36]byte
+	hex.Encode(s[0:8], u[0:4])
+	s[8] = '-'
+	hex.Encode(s[9:13], u[4:6])
+	s[13] = '-'
+	hex.Encode(s[14:18], u[6:8])
+	s[18] = '-'
+	hex.Encode(s[19:23], u[8:10])
+	s[23] = '-'
+	hex.Encode(s[24:], u[10:])
+	return string(s[:])
+}
+
+// isUUID accepts the canonical lowercase 8-4-4-4-12 form only.
+func isUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i, c := range []byte(s) {
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// healthcheck is `order-service -healthcheck`: a probe for container images
+// that have no curl. It exits 0 when /healthz answers 200.
+func healthcheck(getenv func(string) string) int {
+	addr := getenv("HTTP_ADDR")
+	if addr == "" {
+		addr = ":8081"
+	}
+	if strings.HasPrefix(addr, ":") {
+		addr = "127.0.0.1" + addr
+	}
+	cl := http.Client{Timeout: 3 * time.Second}
+	resp, err := cl.Get("http://" + addr + "/healthz")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "healthcheck:", err)
+		return 1
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintln(os.Stderr, "healthcheck: status", resp.Status)
+		return 1
+	}
+	return 0
+}
