@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -428,7 +429,11 @@ func handleListOrders(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 		if !ok {
 			return
 		}
-		q := r.URL.Query()
+		q, err := url.ParseQuery(r.URL.RawQuery)
+		if err != nil {
+			writeProblem(w, http.StatusBadRequest, "malformed query string: "+err.Error())
+			return
+		}
 		limit := defaultPageSize
 		if v := q.Get("limit"); v != "" {
 			n, err := strconv.Atoi(v)

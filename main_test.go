@@ -1,0 +1,1069 @@
+package main
+
+// The tests start the real program (run) against a real PostgreSQL database,
+// created for this test run and dropped after it, and a real Kafka-protocol
+// broker: an in-process kfake cluster, or the cluster in KAFKA_BROKERS. They
+// assert on HTTP answers, rows and Kafka records.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+var (
+	testDBURL string        // the database created for this run
+	testDB    *pgxpool.Pool // for assertions on rows
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		childMain() // this binary was re-executed as the service (crash tests)
+		return
+	}
+	os.Exit(withTestDatabase(m))
+}
+
+// withTestDatabase creates a fresh database for the run (TEST_DATABASE_URL,
+// or libpq's defaults: PGHOST, PGUSER, ...) and drops it afterwards.
+func withTestDatabase(m *testing.M) int {
+	ctx := context.Background()
+	base := os.Getenv("TEST_DATABASE_URL")
+	admin, err := pgx.Connect(ctx, withParam(base, "connect_timeout", "5"))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: no PostgreSQL reachable (%v): start it or set TEST_DATABASE_URL, e.g. postgres://user@localhost:5432/postgres\n", err)
+		return 1
+	}
+	name := "order_service_test_" + randomHex(6)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: create test database: %v\n", err)
+		return 1
+	}
+	defer func() {
+		if _, err := admin.Exec(ctx, "DROP DATABASE "+name+" WITH (FORCE)"); err != nil {
+			fmt.Fprintf(os.Stderr, "drop test database %s: %v\n", name, err)
+		}
+		admin.Close(ctx)
+	}()
+	testDBURL = withParam(base, "dbname", name)
+	testDB, err = pgxpool.New(ctx, testDBURL)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: connect to test database: %v\n", err)
+		return 1
+	}
+	defer testDB.Close()
+	return m.Run()
+}
+
+// withParam sets a connection parameter in either form of connection string.
+func withParam(conn, key, value string) string {
+	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
+		u, err := url.Parse(conn)
+		if err != nil {
+			panic(err)
+		}
+		if key == "dbname" {
+			u.Path = "/" + value
+		} else {
+			q := u.Query()
+			q.Set(key, value)
+			u.RawQuery = q.Encode()
+		}
+		return u.String()
+	}
+	return strings.TrimSpace(conn + " " + key + "=" + value)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// newSchema gives a test its own schema in the run's database, so that tests
+// never see each other's orders or outbox rows.
+func newSchema(t testing.TB) string {
+	t.Helper()
+	schema := "t_" + randomHex(6)
+	if _, err := testDB.Exec(context.Background(), "CREATE SCHEMA "+schema); err != nil {
+		t.Fatalf("create schema: %v", err)
+	}
+	return withParam(testDBURL, "search_path", schema)
+}
+
+// broker is the Kafka cluster of one test.
+type broker struct {
+	addrs   []string
+	prefix  string // topic and group prefix, unique per test
+	gate    *gate  // nil for an external cluster
+	cluster *kfake.Cluster
+}
+
+func (b *broker) topic(name string) string { return b.prefix + name }
+
+// newBroker starts an in-process kfake cluster behind a gate the test can
+// close, or uses KAFKA_BROKERS with unique topic names. Tests that cut the
+// broker ask for faults=true and always get kfake.
+func newBroker(t testing.TB, faults bool) *broker {
+	t.Helper()
+	prefix := "t" + randomHex(4) + "."
+	if ext := os.Getenv("KAFKA_BROKERS"); ext != "" && !faults {
+		return &broker{addrs: strings.Split(ext, ","), prefix: prefix}
+	}
+	g := &gate{conns: map[net.Conn]bool{}}
+	c, err := kfake.NewCluster(
+		kfake.NumBrokers(1),
+		kfake.ListenFn(func(network, addr string) (net.Listener, error) {
+			ln, err := net.Listen(network, addr)
+			if err != nil {
+				return nil, err
+			}
+			g.Listener = ln
+			return g, nil
+		}),
+		kfake.SeedTopics(3, prefix+topicPayOrder, prefix+topicPaymentResults, prefix+topicPaymentDLQ),
+	)
+	if err != nil {
+		t.Fatalf("kfake: %v", err)
+	}
+	t.Cleanup(c.Close)
+	return &broker{addrs: c.ListenAddrs(), prefix: prefix, gate: g, cluster: c}
+}
+
+// gate is a listener whose connections the test can cut: while closed, every
+// connection is dropped as soon as it is accepted, as if the broker were down.
+type gate struct {
+	net.Listener
+	mu     sync.Mutex
+	closed bool
+	conns  map[net.Conn]bool
+}
+
+func (g *gate) Accept() (net.Conn, error) {
+	for {
+		c, err := g.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		g.mu.Lock()
+		if g.closed {
+			g.mu.Unlock()
+			c.Close()
+			continue
+		}
+		g.conns[c] = true
+		g.mu.Unlock()
+		return c, nil
+	}
+}
+
+func (g *gate) setDown(down bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.closed = down
+	if down {
+		for c := range g.conns {
+			c.Close()
+		}
+		clear(g.conns)
+	}
+}
+
+// service is one running instance of the program.
+type service struct {
+	url    string
+	logs   *logBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+var listeningRE = regexp.MustCompile(`msg="http server listening" addr=(\S+)`)
+
+// serviceEnv is the environment of a test instance on this database URL
+// and broker.
+func serviceEnv(dbURL string, b *broker) map[string]string {
+	return map[string]string{
+		"HTTP_ADDR":           "127.0.0.1:0",
+		"DATABASE_URL":        dbURL,
+		"KAFKA_BROKERS":       strings.Join(b.addrs, ","),
+		"KAFKA_TOPIC_PREFIX":  b.prefix,
+		"DEMO_PAYMENTS":       "false",
+		"RELAY_POLL_INTERVAL": "200ms",
+		"STARTUP_TIMEOUT":     "10s",
+	}
+}
+
+// startService runs the program with env and waits until /healthz answers.
+// It is stopped (and must stop cleanly) when the test ends.
+func startService(t testing.TB, env map[string]string) *service {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &service{logs: &logBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	go func() { s.done <- run(ctx, func(k string) string { return env[k] }, s.logs) }()
+	t.Cleanup(func() {
+		if err := s.stop(t); err != nil {
+			t.Errorf("service stopped with error: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("service logs:\n%s", s.logs)
+		}
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for s.url == "" {
+		if m := listeningRE.FindStringSubmatch(s.logs.String()); m != nil {
+			s.url = "http://" + m[1]
+			break
+		}
+		select {
+		case err := <-s.done:
+			s.done <- err
+			t.Fatalf("service exited during start: %v\n%s", err, s.logs)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("service did not start listening:\n%s", s.logs)
+		}
+	}
+	waitFor(t, 10*time.Second, "service /healthz", func() bool {
+		resp, err := http.Get(s.url + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return s
+}
+
+// stop cancels the service and waits for run to return; it is idempotent.
+func (s *service) stop(t testing.TB) error {
+	s.cancel()
+	select {
+	case err := <-s.done:
+		s.done <- err
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatalf("service did not stop within 20s:\n%s", s.logs)
+		return nil
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r response) json(t testing.TB, v any) {
+	t.Helper()
+	if err := json.Unmarshal(r.body, v); err != nil {
+		t.Fatalf("decode %s: %v", r.body, err)
+	}
+}
+
+func (r response) order(t testing.TB) Order {
+	t.Helper()
+	var o Order
+	r.json(t, &o)
+	return o
+}
+
+// do sends one request; headers alternate name, value.
+func do(t testing.TB, method, url, body string, headers ...string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Add(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("read %s %s: %v", method, url, err)
+	}
+	return response{status: resp.StatusCode, header: resp.Header, body: b}
+}
+
+func (s *service) createOrder(t testing.TB, user string, amount int64) Order {
+	t.Helper()
+	r := do(t, "POST", s.url+"/orders", fmt.Sprintf(`{"amount": %d}`, amount), "X-User-Id", user)
+	if r.status != http.StatusCreated {
+		t.Fatalf("POST /orders: %d %s", r.status, r.body)
+	}
+	return r.order(t)
+}
+
+func (s *service) getOrder(t testing.TB, user, id string) Order {
+	t.Helper()
+	r := do(t, "GET", s.url+"/orders/"+id, "", "X-User-Id", user)
+	if r.status != http.StatusOK {
+		t.Fatalf("GET /orders/%s: %d %s", id, r.status, r.body)
+	}
+	return r.order(t)
+}
+
+// payOrderRecord is a pay-order record as the tests read it back.
+type payOrderRecord struct {
+	EventID   string    `json:"event_id"`
+	OrderID   string    `json:"order_id"`
+	UserID    string    `json:"user_id"`
+	Amount    int64     `json:"amount"`
+	CreatedAt time.Time `json:"created_at"`
+	key       string
+	header    string // event-id header
+}
+
+// readTopic consumes topic from the start until done says so or the timeout
+// passes, and returns every record seen.
+func readTopic(t testing.TB, b *broker, topic string, timeout time.Duration, done func([]*kgo.Record) bool) []*kgo.Record {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var recs []*kgo.Record
+	for !done(recs) {
+		fetches := cl.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("timed out after %s reading %s; got %d records", timeout, topic, len(recs))
+		}
+		recs = append(recs, fetches.Records()...)
+	}
+	return recs
+}
+
+// readPayOrders waits until every order id in want has a pay-order record.
+func readPayOrders(t testing.TB, b *broker, want []string, timeout time.Duration) []payOrderRecord {
+	t.Helper()
+	wantSet := map[string]bool{}
+	for _, id := range want {
+		wantSet[id] = true
+	}
+	var out []payOrderRecord
+	readTopic(t, b, b.topic(topicPayOrder), timeout, func(recs []*kgo.Record) bool {
+		out = out[:0]
+		seen := map[string]bool{}
+		for _, r := range recs {
+			var p payOrderRecord
+			if err := json.Unmarshal(r.Value, &p); err != nil {
+				t.Fatalf("pay-order value %s: %v", r.Value, err)
+			}
+			p.key = string(r.Key)
+			for _, h := range r.Headers {
+				if h.Key == "event-id" {
+					p.header = string(h.Value)
+				}
+			}
+			if wantSet[p.OrderID] {
+				out = append(out, p)
+				seen[p.OrderID] = true
+			}
+		}
+		return len(seen) == len(wantSet)
+	})
+	return out
+}
+
+func produce(t testing.TB, b *broker, topic, key string, values ...string) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var recs []*kgo.Record
+	for _, v := range values {
+		recs = append(recs, &kgo.Record{Topic: topic, Key: []byte(key), Value: []byte(v)})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+		t.Fatalf("produce to %s: %v", topic, err)
+	}
+}
+
+// count runs a count query on the test database.
+func count(t testing.TB, dbURL, query string, args ...any) int {
+	t.Helper()
+	db := schemaPool(t, dbURL)
+	var n int
+	if err := db.QueryRow(context.Background(), query, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+var (
+	poolsMu sync.Mutex
+	pools   = map[string]*pgxpool.Pool{}
+)
+
+// schemaPool is a pool on one test's schema, shared by its assertions.
+func schemaPool(t testing.TB, dbURL string) *pgxpool.Pool {
+	t.Helper()
+	poolsMu.Lock()
+	defer poolsMu.Unlock()
+	if p := pools[dbURL]; p != nil {
+		return p
+	}
+	p, err := pgxpool.New(context.Background(), dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pools[dbURL] = p
+	t.Cleanup(func() {
+		poolsMu.Lock()
+		delete(pools, dbURL)
+		poolsMu.Unlock()
+		p.Close()
+	})
+	return p
+}
+
+func newUser() string { return "user-" + randomHex(4) }
+
+// --- the API ---
+
+func TestCreateOrderWritesOrderAndOutboxAndPublishes(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+
+	r := do(t, "POST", s.url+"/orders", `{"amount": 4200, "description": "книга; DROP TABLE orders; --'\""}`,
+		"X-User-Id", user, "Content-Type", "application/json")
+	if r.status != http.StatusCreated {
+		t.Fatalf("status %d %s", r.status, r.body)
+	}
+	o := r.order(t)
+	if r.header.Get("Location") != "/orders/"+o.ID || !isUUID(o.ID) {
+		t.Errorf("Location %q for id %q", r.header.Get("Location"), o.ID)
+	}
+	if o.UserID != user || o.Amount != 4200 || o.Status != "PENDING" || o.Description != `книга; DROP TABLE orders; --'"` {
+		t.Errorf("order %+v", o)
+	}
+	if o.CreatedAt.IsZero() || !o.CreatedAt.Equal(o.UpdatedAt) {
+		t.Errorf("times %v %v", o.CreatedAt, o.UpdatedAt)
+	}
+	var raw map[string]any
+	r.json(t, &raw)
+	for _, f := range []string{"id", "user_id", "amount", "description", "status", "created_at", "updated_at"} {
+		if _, ok := raw[f]; !ok {
+			t.Errorf("order JSON lacks %q: %s", f, r.body)
+		}
+	}
+	if _, err := time.Parse(time.RFC3339, raw["created_at"].(string)); err != nil {
+		t.Errorf("created_at is not RFC 3339: %v", err)
+	}
+
+	recs := readPayOrders(t, b, []string{o.ID}, 10*time.Second)
+	if len(recs) != 1 {
+		t.Fatalf("want 1 pay-order record, got %d", len(recs))
+	}
+	p := recs[0]
+	if p.key != o.ID || p.OrderID != o.ID || p.UserID != user || p.Amount != 4200 || !p.CreatedAt.Equal(o.CreatedAt) {
+		t.Errorf("pay-order record %+v for order %+v", p, o)
+	}
+	if !isUUID(p.EventID) || p.header != p.EventID {
+		t.Errorf("event_id %q, event-id header %q", p.EventID, p.header)
+	}
+	waitFor(t, 5*time.Second, "outbox row marked published", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1 AND published_at IS NOT NULL AND event_id = $2`, o.ID, p.EventID) == 1
+	})
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox`); n != 1 {
+		t.Errorf("outbox rows: %d, want 1", n)
+	}
+}
+
+func TestCreateOrderRejectsBadInputAndWritesNothing(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+
+	long := strings.Repeat("я", 1001)
+	cases := []struct {
+		name    string
+		body    string
+		headers []string
+		status  int
+	}{
+		{"no user", `{"amount": 1}`, nil, 401},
+		{"empty user", `{"amount": 1}`, []string{"X-User-Id", ""}, 401},
+		{"user too long", `{"amount": 1}`, []string{"X-User-Id", strings.Repeat("u", 129)}, 400},
+		{"user not printable", `{"amount": 1}`, []string{"X-User-Id", "a\tb"}, 400},
+		{"malformed JSON", `{"amount": `, nil, 400},
+		{"not an object", `[1]`, nil, 400},
+		{"empty body", ``, nil, 400},
+		{"unknown field", `{"amount": 1, "currency": "RUB"}`, nil, 400},
+		{"amount a string", `{"amount": "100"}`, nil, 400},
+		{"amount a fraction", `{"amount": 1.5}`, nil, 400},
+		{"amount zero", `{"amount": 0}`, nil, 400},
+		{"amount negative", `{"amount": -5}`, nil, 400},
+		{"amount over int64", `{"amount": 9223372036854775808}`, nil, 400},
+		{"amount missing", `{"description": "x"}`, nil, 400},
+		{"amount null", `{"amount": null}`, nil, 400},
+		{"description too long", `{"amount": 1, "description": "` + long + `"}`, nil, 400},
+		{"description not a string", `{"amount": 1, "description": 7}`, nil, 400},
+		{"trailing data", `{"amount": 1} {"amount": 2}`, nil, 400},
+		{"idempotency key too long", `{"amount": 1}`, []string{"Idempotency-Key", strings.Repeat("k", 256)}, 400},
+		{"body over 1 MiB", `{"amount": 1, "description": "` + strings.Repeat(" ", 1<<20) + `"}`, nil, 413},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			h := c.headers
+			if c.name != "no user" && c.name != "empty user" && !strings.HasPrefix(c.name, "user ") {
+				h = append([]string{"X-User-Id", user}, h...)
+			}
+			r := do(t, "POST", s.url+"/orders", c.body, h...)
+			if r.status != c.status {
+				t.Fatalf("status %d, want %d: %s", r.status, c.status, r.body)
+			}
+			if ct := r.header.Get("Content-Type"); ct != "application/problem+json" {
+				t.Errorf("Content-Type %q", ct)
+			}
+			var p problem
+			r.json(t, &p)
+			if p.Status != c.status || p.Title != http.StatusText(c.status) || p.Type == "" || p.Detail == "" {
+				t.Errorf("problem %+v", p)
+			}
+		})
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM orders`); n != 0 {
+		t.Errorf("bad requests wrote %d orders", n)
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox`); n != 0 {
+		t.Errorf("bad requests wrote %d outbox rows", n)
+	}
+
+	// The limits themselves are accepted.
+	r := do(t, "POST", s.url+"/orders", `{"amount": 9223372036854775807, "description": "`+long[:len(long)-2]+`"}`,
+		"X-User-Id", strings.Repeat("u", 128))
+	if r.status != http.StatusCreated {
+		t.Fatalf("largest valid order: %d %s", r.status, r.body)
+	}
+}
+
+func TestIdempotencyKey(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	alice, bob := newUser(), newUser()
+
+	first := do(t, "POST", s.url+"/orders", `{"amount": 700, "description": "once"}`, "X-User-Id", alice, "Idempotency-Key", "k-1")
+	if first.status != http.StatusCreated {
+		t.Fatalf("first: %d %s", first.status, first.body)
+	}
+	again := do(t, "POST", s.url+"/orders", `{"amount": 700, "description": "once"}`, "X-User-Id", alice, "Idempotency-Key", "k-1")
+	if again.status != http.StatusOK || again.order(t).ID != first.order(t).ID {
+		t.Fatalf("replay: %d %s, want 200 with %s", again.status, again.body, first.order(t).ID)
+	}
+	conflict := do(t, "POST", s.url+"/orders", `{"amount": 701, "description": "once"}`, "X-User-Id", alice, "Idempotency-Key", "k-1")
+	if conflict.status != http.StatusConflict || conflict.header.Get("Content-Type") != "application/problem+json" {
+		t.Fatalf("different body: %d %s, want 409", conflict.status, conflict.body)
+	}
+	other := do(t, "POST", s.url+"/orders", `{"amount": 700, "description": "once"}`, "X-User-Id", bob, "Idempotency-Key", "k-1")
+	if other.status != http.StatusCreated || other.order(t).ID == first.order(t).ID {
+		t.Fatalf("same key, other user: %d %s, want a new order", other.status, other.body)
+	}
+
+	// Concurrent replays: exactly one creates, the rest get its order.
+	const n = 20
+	var created, replayed atomic.Int32
+	ids := make([]string, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			r := do(t, "POST", s.url+"/orders", `{"amount": 5}`, "X-User-Id", alice, "Idempotency-Key", "race")
+			switch r.status {
+			case http.StatusCreated:
+				created.Add(1)
+			case http.StatusOK:
+				replayed.Add(1)
+			default:
+				t.Errorf("concurrent replay: %d %s", r.status, r.body)
+				return
+			}
+			ids[i] = r.order(t).ID
+		})
+	}
+	wg.Wait()
+	if created.Load() != 1 || replayed.Load() != n-1 {
+		t.Errorf("concurrent: %d created, %d replayed", created.Load(), replayed.Load())
+	}
+	for _, id := range ids {
+		if id != ids[0] {
+			t.Errorf("concurrent replays returned different orders: %v", ids)
+			break
+		}
+	}
+	if c := count(t, dbURL, `SELECT count(*) FROM orders`); c != 3 {
+		t.Errorf("orders: %d, want 3", c)
+	}
+	if c := count(t, dbURL, `SELECT count(*) FROM outbox`); c != 3 {
+		t.Errorf("outbox rows: %d, want 3 (no event for a replay)", c)
+	}
+}
+
+func TestListOrdersPagesEveryOrderOnceNewestFirst(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	alice, bob := newUser(), newUser()
+
+	var want []string
+	for i := range 23 {
+		want = append(want, s.createOrder(t, alice, int64(100+i)).ID)
+	}
+	s.createOrder(t, bob, 1)
+	// Orders created in one transaction share created_at: make some ties
+	// so paging has to order by id as well.
+	if _, err := schemaPool(t, dbURL).Exec(context.Background(),
+		`UPDATE orders SET created_at = (SELECT min(created_at) FROM orders) WHERE amount BETWEEN 105 AND 112`); err != nil {
+		t.Fatal(err)
+	}
+
+	var got []Order
+	cursor := ""
+	pages := 0
+	for {
+		u := s.url + "/orders?limit=5"
+		if cursor != "" {
+			u += "&cursor=" + url.QueryEscape(cursor)
+		}
+		r := do(t, "GET", u, "", "X-User-Id", alice)
+		if r.status != http.StatusOK {
+			t.Fatalf("GET %s: %d %s", u, r.status, r.body)
+		}
+		var page struct {
+			Orders     []Order `json:"orders"`
+			NextCursor *string `json:"next_cursor"`
+		}
+		r.json(t, &page)
+		pages++
+		got = append(got, page.Orders...)
+		if page.NextCursor == nil {
+			break
+		}
+		if len(page.Orders) != 5 {
+			t.Fatalf("page %d has %d orders and a next_cursor", pages, len(page.Orders))
+		}
+		cursor = *page.NextCursor
+	}
+	if pages != 5 || len(got) != 23 {
+		t.Fatalf("%d pages, %d orders; want 5 pages, 23 orders", pages, len(got))
+	}
+	seen := map[string]bool{}
+	for i, o := range got {
+		if o.UserID != alice {
+			t.Errorf("another user's order in alice's list: %+v", o)
+		}
+		if seen[o.ID] {
+			t.Errorf("order %s listed twice", o.ID)
+		}
+		seen[o.ID] = true
+		if i > 0 {
+			prev := got[i-1]
+			if o.CreatedAt.After(prev.CreatedAt) || o.CreatedAt.Equal(prev.CreatedAt) && o.ID > prev.ID {
+				t.Errorf("not newest first at %d: %v/%s after %v/%s", i, o.CreatedAt, o.ID, prev.CreatedAt, prev.ID)
+			}
+		}
+	}
+	for _, id := range want {
+		if !seen[id] {
+			t.Errorf("order %s never listed", id)
+		}
+	}
+
+	r := do(t, "GET", s.url+"/orders", "", "X-User-Id", alice)
+	var all orderPage
+	r.json(t, &all)
+	if len(all.Orders) != 23 || all.NextCursor != "" || bytes.Contains(r.body, []byte("next_cursor")) {
+		t.Errorf("default page: %d orders, next_cursor %q", len(all.Orders), all.NextCursor)
+	}
+
+	for _, q := range []string{"limit=0", "limit=501", "limit=x", "cursor=%%%", "cursor=bm9wZQ"} {
+		r := do(t, "GET", s.url+"/orders?"+q, "", "X-User-Id", alice)
+		if r.status != http.StatusBadRequest || r.header.Get("Content-Type") != "application/problem+json" {
+			t.Errorf("?%s: %d %s, want 400 problem", q, r.status, r.body)
+		}
+	}
+	if r := do(t, "GET", s.url+"/orders", ""); r.status != http.StatusUnauthorized {
+		t.Errorf("list without X-User-Id: %d", r.status)
+	}
+}
+
+func TestGetOrderIsolatesUsers(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	alice, bob := newUser(), newUser()
+	o := s.createOrder(t, alice, 99)
+
+	if got := s.getOrder(t, alice, o.ID); got.ID != o.ID || got.Amount != 99 {
+		t.Errorf("own order: %+v", got)
+	}
+	if got := s.getOrder(t, alice, strings.ToUpper(o.ID)); got.ID != o.ID {
+		t.Errorf("upper-case id: %+v", got)
+	}
+	for _, c := range []struct {
+		user, id string
+		status   int
+	}{
+		{bob, o.ID, 404},
+		{alice, "01890000-0000-7000-8000-000000000000", 404},
+		{alice, "not-a-uuid", 400},
+		{alice, "' OR 1=1 --", 400},
+		{"", o.ID, 401},
+	} {
+		r := do(t, "GET", s.url+"/orders/"+url.PathEscape(c.id), "", "X-User-Id", c.user)
+		if r.status != c.status || r.header.Get("Content-Type") != "application/problem+json" {
+			t.Errorf("GET %s as %q: %d %s, want %d problem", c.id, c.user, r.status, r.body, c.status)
+		}
+		if bytes.Contains(r.body, []byte(alice)) {
+			t.Errorf("answer leaks the owner: %s", r.body)
+		}
+	}
+	r := do(t, "GET", s.url+"/orders", "", "X-User-Id", bob)
+	var page orderPage
+	r.json(t, &page)
+	if len(page.Orders) != 0 {
+		t.Errorf("bob lists alice's orders: %s", r.body)
+	}
+}
+
+// --- payment results ---
+
+func TestPaymentResultsApplyOnceAndCommitOffsets(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	paid, failed := s.createOrder(t, user, 10), s.createOrder(t, user, 20)
+
+	results := b.topic(topicPaymentResults)
+	produce(t, b, results, paid.ID, `{"order_id": "`+paid.ID+`", "status": "PAID"}`)
+	produce(t, b, results, failed.ID, `{"order_id": "`+failed.ID+`", "status": "FAILED", "reason": "card declined"}`)
+	waitFor(t, 10*time.Second, "both results applied", func() bool {
+		return s.getOrder(t, user, paid.ID).Status == "PAID" && s.getOrder(t, user, failed.ID).Status == "FAILED"
+	})
+	p, f := s.getOrder(t, user, paid.ID), s.getOrder(t, user, failed.ID)
+	if f.FailureReason == nil || *f.FailureReason != "card declined" || p.FailureReason != nil {
+		t.Errorf("reasons: paid %v, failed %v", p.FailureReason, f.FailureReason)
+	}
+	if !p.UpdatedAt.After(p.CreatedAt) {
+		t.Errorf("updated_at %v not after created_at %v", p.UpdatedAt, p.CreatedAt)
+	}
+
+	// A duplicate and a conflicting later result change nothing.
+	produce(t, b, results, paid.ID,
+		`{"order_id": "`+paid.ID+`", "status": "PAID"}`,
+		`{"order_id": "`+paid.ID+`", "status": "FAILED", "reason": "late"}`)
+	produce(t, b, results, failed.ID, `{"order_id": "`+failed.ID+`", "status": "PAID"}`)
+	waitCommitted(t, b, s)
+	if got := s.getOrder(t, user, paid.ID); got.Status != "PAID" || !got.UpdatedAt.Equal(p.UpdatedAt) || got.FailureReason != nil {
+		t.Errorf("paid order changed by later results: %+v", got)
+	}
+	if got := s.getOrder(t, user, failed.ID); got.Status != "FAILED" || !got.UpdatedAt.Equal(f.UpdatedAt) {
+		t.Errorf("failed order changed by a later result: %+v", got)
+	}
+	if n := len(readTopicNow(t, b, b.topic(topicPaymentDLQ))); n != 0 {
+		t.Errorf("%d duplicates sent to the DLQ, want none", n)
+	}
+}
+
+// waitCommitted waits until the service's group has committed every record of
+// payment-results: each one was applied (or dead-lettered) and acknowledged.
+func waitCommitted(t testing.TB, b *broker, s *service) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	topic := b.topic(topicPaymentResults)
+	waitFor(t, 15*time.Second, "consumer offsets committed to the end of "+topic, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		ends, err := adm.ListEndOffsets(ctx, topic)
+		if err != nil {
+			return false
+		}
+		committed, err := adm.FetchOffsets(ctx, b.topic(consumerGroup))
+		if err != nil {
+			return false
+		}
+		ok := true
+		ends.Each(func(o kadm.ListedOffset) {
+			c, found := committed.Lookup(o.Topic, o.Partition)
+			if o.Offset > 0 && (!found || c.At < o.Offset) {
+				ok = false
+			}
+		})
+		return ok
+	})
+}
+
+// readTopicNow returns every record currently in topic.
+func readTopicNow(t testing.TB, b *broker, topic string) []*kgo.Record {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ends, err := kadm.NewClient(cl).ListEndOffsets(context.Background(), topic)
+	cl.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var total int64
+	ends.Each(func(o kadm.ListedOffset) { total += o.Offset })
+	return readTopic(t, b, topic, 10*time.Second, func(recs []*kgo.Record) bool { return int64(len(recs)) >= total })
+}
+
+func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	o := s.createOrder(t, user, 10)
+
+	poison := []string{
+		`{"order_id": "` + o.ID,                                                  // malformed JSON
+		`{"order_id": "` + o.ID + `", "status": "REFUNDED"}`,                     // unknown status
+		`{"order_id": "01890000-0000-7000-8000-000000000000", "status": "PAID"}`, // unknown order
+		`{"order_id": "42", "status": "PAID"}`,                                   // not a UUID
+		``,                                                                       // empty
+	}
+	// One key, so all land on one partition ahead of the good record.
+	produce(t, b, b.topic(topicPaymentResults), o.ID, append(poison, `{"order_id": "`+o.ID+`", "status": "PAID"}`)...)
+	waitFor(t, 10*time.Second, "the good record behind the poison applied", func() bool {
+		return s.getOrder(t, user, o.ID).Status == "PAID"
+	})
+	dlq := readTopic(t, b, b.topic(topicPaymentDLQ), 10*time.Second, func(r []*kgo.Record) bool { return len(r) >= len(poison) })
+	if len(dlq) != len(poison) {
+		t.Fatalf("DLQ has %d records, want %d", len(dlq), len(poison))
+	}
+	for i, r := range dlq {
+		h := map[string]string{}
+		for _, kv := range r.Headers {
+			h[kv.Key] = string(kv.Value)
+		}
+		if string(r.Value) != poison[i] || string(r.Key) != o.ID {
+			t.Errorf("DLQ record %d: key %q value %q, want the original %q", i, r.Key, r.Value, poison[i])
+		}
+		if h["error"] == "" || h["original-topic"] != b.topic(topicPaymentResults) || h["original-offset"] != fmt.Sprint(i) {
+			t.Errorf("DLQ record %d headers %v", i, h)
+		}
+	}
+	waitCommitted(t, b, s)
+}
+
+// --- faults ---
+
+func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["RELAY_PRODUCE_TIMEOUT"] = "1s"
+	s := startService(t, env)
+	user := newUser()
+	s.createOrder(t, user, 1) // the relay has talked to the broker once
+	b.gate.setDown(true)
+
+	var ids []string
+	for range 50 {
+		start := time.Now()
+		ids = append(ids, s.createOrder(t, user, 2).ID)
+		if d := time.Since(start); d > 2*time.Second {
+			t.Errorf("POST took %s while the broker was down", d)
+		}
+	}
+	waitFor(t, 10*time.Second, "/readyz 503 while the broker is down", func() bool {
+		return do(t, "GET", s.url+"/readyz", "").status == http.StatusServiceUnavailable
+	})
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`); n < 50 {
+		t.Errorf("unpublished outbox rows during the outage: %d, want >= 50", n)
+	}
+
+	b.gate.setDown(false)
+	recs := readPayOrders(t, b, ids, 30*time.Second)
+	if len(recs) < 50 {
+		t.Errorf("%d pay-order records for 50 orders", len(recs))
+	}
+	waitFor(t, 10*time.Second, "outbox drained", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
+	})
+	waitFor(t, 10*time.Second, "/readyz 200 after the broker returned", func() bool {
+		return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK
+	})
+}
+
+func TestReadyzAndHealthz(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	if r := do(t, "GET", s.url+"/healthz", ""); r.status != 200 {
+		t.Errorf("healthz %d", r.status)
+	}
+	r := do(t, "GET", s.url+"/readyz", "")
+	if r.status != 200 || !strings.Contains(string(r.body), `"kafka":"ok"`) || !strings.Contains(string(r.body), `"database":"ok"`) {
+		t.Errorf("readyz %d %s", r.status, r.body)
+	}
+}
+
+func TestStartupGivesUpOnUnreachableDatabase(t *testing.T) {
+	b := newBroker(t, true)
+	ln, err := net.Listen("tcp", "127.0.0.1:0") // a port nobody serves
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	env := serviceEnv("postgres://root@"+addr+"/nope?connect_timeout=1", b)
+	env["STARTUP_TIMEOUT"] = "1s"
+	start := time.Now()
+	err = run(context.Background(), func(k string) string { return env[k] }, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), addr) || !strings.Contains(err.Error(), "unreachable") {
+		t.Fatalf("run: %v; want an error naming %s", err, addr)
+	}
+	if d := time.Since(start); d > 6*time.Second {
+		t.Errorf("gave up after %s, want about 1s", d)
+	}
+}
+
+func TestConfigRejectsBadValues(t *testing.T) {
+	for _, env := range []map[string]string{
+		{"RELAY_BATCH_SIZE": "0"},
+		{"RELAY_POLL_INTERVAL": "soon"},
+		{"DEMO_PAYMENTS": "maybe"},
+		{"LOG_LEVEL": "loud"},
+	} {
+		_, err := loadConfig(func(k string) string { return env[k] })
+		if err == nil {
+			t.Errorf("%v accepted", env)
+		}
+	}
+	c, err := loadConfig(func(string) string { return "" })
+	if err != nil || c.HTTPAddr != ":8081" || !c.DemoPayments || c.EmbeddedKafkaAddr != "127.0.0.1:9092" || len(c.KafkaBrokers) != 0 {
+		t.Errorf("defaults %+v %v", c, err)
+	}
+	c, _ = loadConfig(func(k string) string { return map[string]string{"KAFKA_BROKERS": "a:9092, b:9092"}[k] })
+	if c.DemoPayments || len(c.KafkaBrokers) != 2 || c.KafkaBrokers[1] != "b:9092" {
+		t.Errorf("with KAFKA_BROKERS: %+v", c)
+	}
+}
+
+// TestGoRunWithEmbeddedBroker is the quick start: no KAFKA_BROKERS, so the
+// embedded broker and the demo Payment Service run, and orders reach PAID or
+// FAILED; a restart on the same data dir keeps every pay-order record.
+func TestGoRunWithEmbeddedBroker(t *testing.T) {
+	dbURL := newSchema(t)
+	dir := t.TempDir()
+	port := freePort(t)
+	env := map[string]string{
+		"HTTP_ADDR":           "127.0.0.1:0",
+		"DATABASE_URL":        dbURL,
+		"EMBEDDED_KAFKA_ADDR": "127.0.0.1:" + port,
+		"EMBEDDED_KAFKA_DIR":  dir,
+	}
+	s := startService(t, env)
+	user := newUser()
+	small, large := s.createOrder(t, user, 1000), s.createOrder(t, user, demoPaymentLimit+1)
+	waitFor(t, 15*time.Second, "demo payments answered", func() bool {
+		return s.getOrder(t, user, small.ID).Status == "PAID" && s.getOrder(t, user, large.ID).Status == "FAILED"
+	})
+	if r := s.getOrder(t, user, large.ID).FailureReason; r == nil || !strings.Contains(*r, "limit") {
+		t.Errorf("FAILED without a reason: %v", r)
+	}
+	if err := s.stop(t); err != nil {
+		t.Fatalf("stop: %v", err)
+	}
+
+	s2 := startService(t, env)
+	b := &broker{addrs: []string{"127.0.0.1:" + port}}
+	recs := readPayOrders(t, b, []string{small.ID, large.ID}, 10*time.Second)
+	if len(recs) != 2 {
+		t.Errorf("after restart pay-order holds %d of our records, want 2", len(recs))
+	}
+	third := s2.createOrder(t, user, 5)
+	waitFor(t, 15*time.Second, "a new order paid after restart", func() bool {
+		return s2.getOrder(t, user, third.ID).Status == "PAID"
+	})
+}
+
+func freePort(t testing.TB) string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	return port
+}
+
+// childEnv makes the test binary run the service itself, as `go run .` would:
+// the crash tests start it as a child process they can SIGKILL.
+const childEnv = "ORDER_SERVICE_TEST_CHILD"
+
+func childMain() { main() }
