@@ -4,6 +4,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
@@ -73,6 +74,8 @@ type config struct {
 	RelayPollInterval time.Duration
 	ProduceTimeout    time.Duration
 	OutboxRetention   time.Duration
+	PurgeInterval     time.Duration
+	SessionTimeout    time.Duration
 	LogLevel          slog.Level
 }
 
@@ -124,6 +127,8 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RelayPollInterval: dur("RELAY_POLL_INTERVAL", time.Second),
 		ProduceTimeout:    dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
 		OutboxRetention:   dur("OUTBOX_RETENTION", 24*time.Hour),
+		PurgeInterval:     dur("OUTBOX_PURGE_INTERVAL", 30*time.Second),
+		SessionTimeout:    dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
 	}
 	for _, b := range strings.Split(str("KAFKA_BROKERS", ""), ",") {
 		if b = strings.TrimSpace(b); b != "" {
@@ -197,7 +202,10 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		return fmt.Errorf("kafka producer: %w", err)
 	}
 	defer producer.Close()
-	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log)
+	// A member that crashed holds its partitions until this timeout; a
+	// restarted replica waits that long for them.
+	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log,
+		kgo.SessionTimeout(cfg.SessionTimeout))
 	if err != nil {
 		return fmt.Errorf("kafka consumer: %w", err)
 	}
@@ -212,7 +220,8 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
 	})
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, batchSize: cfg.RelayBatchSize,
-		pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout, retention: cfg.OutboxRetention}
+		pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout,
+		retention: cfg.OutboxRetention, purgeInterval: cfg.PurgeInterval}
 	wg.Go(func() { r.run(workCtx) })
 	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m}
 	consumerDone := make(chan struct{})
@@ -236,6 +245,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      30 * time.Second,
 		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    64 << 10, // answers 431 past this
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	ln, err := net.Listen("tcp", cfg.HTTPAddr)
@@ -307,7 +317,10 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 		}
 		if ctx.Err() != nil || time.Now().After(deadline) {
 			db.Close()
-			return nil, fmt.Errorf("database %s unreachable after %s: %w", where, cfg.StartupTimeout, err)
+			// pgx lists every address it tried on lines of their own;
+			// the exit message stays one line.
+			cause := strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " ")
+			return nil, fmt.Errorf("database %s unreachable after %s: %s", where, cfg.StartupTimeout, cause)
 		}
 		d := backoff(failures)
 		log.Warn("database not reachable yet, retrying", "addr", where, "err", err, "retry_in", d)
@@ -364,36 +377,17 @@ func handleCreateOrder(log *slog.Logger, db *pgxpool.Pool, m *metrics, topic str
 			}
 			idemKey = &k
 		}
-		req, err := decodeJSON[createOrderRequest](w, r)
-		if err != nil {
-			writeDecodeError(w, err)
+		req, p := decodeOrderInput(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+		if p != nil {
+			writeProblem(w, p.Status, p.Detail)
 			return
 		}
-		if req.Amount == nil {
-			writeProblem(w, http.StatusBadRequest, "amount is required")
-			return
-		}
-		if *req.Amount <= 0 {
-			writeProblem(w, http.StatusBadRequest, "amount must be a positive integer (minor units)")
-			return
-		}
-		var desc string
-		if req.Description != nil {
-			desc = *req.Description
-		}
-		if n := utf8.RuneCountInString(desc); n > maxDescription {
-			writeProblem(w, http.StatusBadRequest, fmt.Sprintf("description is %d characters long; at most %d are allowed", n, maxDescription))
-			return
-		}
-		if strings.ContainsRune(desc, 0) {
-			writeProblem(w, http.StatusBadRequest, "description must not contain NUL characters")
-			return
-		}
+		desc := req.Description
 
 		h := sha256.New()
-		binary.Write(h, binary.BigEndian, *req.Amount) //nolint:errcheck // hashes never fail
+		binary.Write(h, binary.BigEndian, req.Amount) //nolint:errcheck // hashes never fail
 		h.Write([]byte(desc))
-		in := newOrder{ID: newUUID(), UserID: userID, Amount: *req.Amount, Description: desc,
+		in := newOrder{ID: newUUID(), UserID: userID, Amount: req.Amount, Description: desc,
 			IdempotencyKey: idemKey, RequestHash: h.Sum(nil)}
 
 		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
@@ -552,26 +546,68 @@ func printable(s string, maxChars int) bool {
 	return true
 }
 
-// decodeJSON reads exactly one JSON object of at most maxBodyBytes with no
-// unknown fields.
-func decodeJSON[T any](w http.ResponseWriter, r *http.Request) (T, error) {
+// orderInput is a validated POST /orders body.
+type orderInput struct {
+	Amount      int64
+	Description string
+}
+
+// decodeOrderInput reads and validates a POST /orders body; a non-nil problem
+// says what is wrong with it (400, or 413 past maxBodyBytes).
+func decodeOrderInput(body io.Reader) (orderInput, *problem) {
+	b, err := io.ReadAll(body)
+	if err != nil {
+		return orderInput{}, decodeProblem(err)
+	}
+	if !utf8.Valid(b) {
+		// encoding/json would quietly turn bad bytes into U+FFFD, and the
+		// stored description would differ from what the client sent.
+		return orderInput{}, badRequest("request body is not valid UTF-8")
+	}
+	req, err := decodeJSON[createOrderRequest](bytes.NewReader(b))
+	if err != nil {
+		return orderInput{}, decodeProblem(err)
+	}
+	switch {
+	case req.Amount == nil:
+		return orderInput{}, badRequest("amount is required")
+	case *req.Amount <= 0:
+		return orderInput{}, badRequest("amount must be a positive integer (minor units)")
+	}
+	var desc string
+	if req.Description != nil {
+		desc = *req.Description
+	}
+	if n := utf8.RuneCountInString(desc); n > maxDescription {
+		return orderInput{}, badRequest(fmt.Sprintf("description is %d characters long; at most %d are allowed", n, maxDescription))
+	}
+	if strings.ContainsRune(desc, 0) {
+		// PostgreSQL text cannot hold NUL.
+		return orderInput{}, badRequest("description must not contain NUL characters")
+	}
+	return orderInput{Amount: *req.Amount, Description: desc}, nil
+}
+
+// decodeJSON reads exactly one JSON value with no unknown fields.
+func decodeJSON[T any](body io.Reader) (T, error) {
 	var v T
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+	dec := json.NewDecoder(body)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&v); err != nil {
 		return v, err
 	}
 	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		var mbe *http.MaxBytesError
-		if errors.As(err, &mbe) {
-			return v, err
-		}
 		return v, errors.New("request body must hold a single JSON object")
 	}
 	return v, nil
 }
 
-func writeDecodeError(w http.ResponseWriter, err error) {
+func badRequest(detail string) *problem {
+	return &problem{Status: http.StatusBadRequest, Detail: detail}
+}
+
+// decodeProblem explains a decoding error in the client's terms.
+func decodeProblem(err error) *problem {
 	var (
 		mbe *http.MaxBytesError
 		se  *json.SyntaxError
@@ -579,20 +615,20 @@ func writeDecodeError(w http.ResponseWriter, err error) {
 	)
 	switch {
 	case errors.As(err, &mbe):
-		writeProblem(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("request body is larger than %d bytes", mbe.Limit))
+		return &problem{Status: http.StatusRequestEntityTooLarge, Detail: fmt.Sprintf("request body is larger than %d bytes", mbe.Limit)}
 	case errors.Is(err, io.EOF):
-		writeProblem(w, http.StatusBadRequest, "request body is empty; want a JSON object such as {\"amount\": 1000}")
+		return badRequest("request body is empty; want a JSON object such as {\"amount\": 1000}")
 	case errors.As(err, &se), errors.Is(err, io.ErrUnexpectedEOF):
-		writeProblem(w, http.StatusBadRequest, "request body is not valid JSON: "+err.Error())
+		return badRequest("request body is not valid JSON: " + err.Error())
 	case errors.As(err, &te) && te.Field == "amount":
-		writeProblem(w, http.StatusBadRequest, fmt.Sprintf("amount must be an integer from 1 to %d (minor units), got %s", int64(1<<63-1), te.Value))
+		return badRequest(fmt.Sprintf("amount must be an integer from 1 to %d (minor units), got %s", int64(1<<63-1), te.Value))
 	case errors.As(err, &te) && te.Field != "":
-		writeProblem(w, http.StatusBadRequest, fmt.Sprintf("%s must be a %s, got %s", te.Field, te.Type, te.Value))
+		return badRequest(fmt.Sprintf("%s must be a %s, got %s", te.Field, te.Type, te.Value))
 	case errors.As(err, &te):
-		writeProblem(w, http.StatusBadRequest, "request body must be a JSON object, got "+te.Value)
+		return badRequest("request body must be a JSON object, got " + te.Value)
 	default:
 		// Unknown fields and trailing data; the decoder's text names the field.
-		writeProblem(w, http.StatusBadRequest, strings.TrimPrefix(err.Error(), "json: "))
+		return badRequest(strings.TrimPrefix(err.Error(), "json: "))
 	}
 }
 

@@ -104,11 +104,16 @@ func randomHex(n int) string {
 // never see each other's orders or outbox rows.
 func newSchema(t testing.TB) string {
 	t.Helper()
+	return withParam(testDBURL, "search_path", createSchema(t))
+}
+
+func createSchema(t testing.TB) string {
+	t.Helper()
 	schema := "t_" + randomHex(6)
 	if _, err := testDB.Exec(context.Background(), "CREATE SCHEMA "+schema); err != nil {
 		t.Fatalf("create schema: %v", err)
 	}
-	return withParam(testDBURL, "search_path", schema)
+	return schema
 }
 
 // broker is the Kafka cluster of one test.
@@ -227,6 +232,9 @@ func serviceEnv(dbURL string, b *broker) map[string]string {
 		"DEMO_PAYMENTS":       "false",
 		"RELAY_POLL_INTERVAL": "200ms",
 		"STARTUP_TIMEOUT":     "10s",
+		// Kafka's minimum: a SIGKILLed member's partitions move on in
+		// seconds, not the default 45.
+		"KAFKA_SESSION_TIMEOUT": "6s",
 	}
 }
 
@@ -564,6 +572,8 @@ func TestCreateOrderRejectsBadInputAndWritesNothing(t *testing.T) {
 		{"amount null", `{"amount": null}`, nil, 400},
 		{"description too long", `{"amount": 1, "description": "` + long + `"}`, nil, 400},
 		{"description not a string", `{"amount": 1, "description": 7}`, nil, 400},
+		{"invalid UTF-8", "{\"amount\": 1, \"description\": \"\xff\"}", nil, 400},
+		{"NUL in description", `{"amount": 1, "description": "a\u0000b"}`, nil, 400},
 		{"trailing data", `{"amount": 1} {"amount": 2}`, nil, 400},
 		{"idempotency key too long", `{"amount": 1}`, []string{"Idempotency-Key", strings.Repeat("k", 256)}, 400},
 		{"body over 1 MiB", `{"amount": 1, "description": "` + strings.Repeat(" ", 1<<20) + `"}`, nil, 413},
@@ -819,7 +829,7 @@ func TestPaymentResultsApplyOnceAndCommitOffsets(t *testing.T) {
 		`{"order_id": "`+paid.ID+`", "status": "PAID"}`,
 		`{"order_id": "`+paid.ID+`", "status": "FAILED", "reason": "late"}`)
 	produce(t, b, results, failed.ID, `{"order_id": "`+failed.ID+`", "status": "PAID"}`)
-	waitCommitted(t, b, s)
+	waitCommitted(t, b)
 	if got := s.getOrder(t, user, paid.ID); got.Status != "PAID" || !got.UpdatedAt.Equal(p.UpdatedAt) || got.FailureReason != nil {
 		t.Errorf("paid order changed by later results: %+v", got)
 	}
@@ -833,7 +843,7 @@ func TestPaymentResultsApplyOnceAndCommitOffsets(t *testing.T) {
 
 // waitCommitted waits until the service's group has committed every record of
 // payment-results: each one was applied (or dead-lettered) and acknowledged.
-func waitCommitted(t testing.TB, b *broker, s *service) {
+func waitCommitted(t testing.TB, b *broker) {
 	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
 	if err != nil {
@@ -916,48 +926,10 @@ func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
 			t.Errorf("DLQ record %d headers %v", i, h)
 		}
 	}
-	waitCommitted(t, b, s)
+	waitCommitted(t, b)
 }
 
 // --- faults ---
-
-func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
-	b := newBroker(t, true)
-	dbURL := newSchema(t)
-	env := serviceEnv(dbURL, b)
-	env["RELAY_PRODUCE_TIMEOUT"] = "1s"
-	s := startService(t, env)
-	user := newUser()
-	s.createOrder(t, user, 1) // the relay has talked to the broker once
-	b.gate.setDown(true)
-
-	var ids []string
-	for range 50 {
-		start := time.Now()
-		ids = append(ids, s.createOrder(t, user, 2).ID)
-		if d := time.Since(start); d > 2*time.Second {
-			t.Errorf("POST took %s while the broker was down", d)
-		}
-	}
-	waitFor(t, 10*time.Second, "/readyz 503 while the broker is down", func() bool {
-		return do(t, "GET", s.url+"/readyz", "").status == http.StatusServiceUnavailable
-	})
-	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`); n < 50 {
-		t.Errorf("unpublished outbox rows during the outage: %d, want >= 50", n)
-	}
-
-	b.gate.setDown(false)
-	recs := readPayOrders(t, b, ids, 30*time.Second)
-	if len(recs) < 50 {
-		t.Errorf("%d pay-order records for 50 orders", len(recs))
-	}
-	waitFor(t, 10*time.Second, "outbox drained", func() bool {
-		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
-	})
-	waitFor(t, 10*time.Second, "/readyz 200 after the broker returned", func() bool {
-		return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK
-	})
-}
 
 func TestReadyzAndHealthz(t *testing.T) {
 	b := newBroker(t, true)

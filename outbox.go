@@ -46,13 +46,13 @@ type relay struct {
 	pollInterval   time.Duration // fallback when a NOTIFY is lost
 	produceTimeout time.Duration // bounds how long a batch holds its row locks
 	retention      time.Duration // published rows older than this are purged
+	purgeInterval  time.Duration
 	metrics        *metrics
 
 	wake chan struct{}
 }
 
 const (
-	purgeInterval  = 30 * time.Second
 	purgeBatchSize = 1000
 	maxBackoff     = 5 * time.Second
 )
@@ -86,7 +86,7 @@ func (r *relay) run(ctx context.Context) {
 		}
 		if time.Now().After(nextPurge) {
 			r.purge(ctx)
-			nextPurge = time.Now().Add(purgeInterval)
+			nextPurge = time.Now().Add(r.purgeInterval)
 		}
 		select {
 		case <-ctx.Done():

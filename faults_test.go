@@ -1,0 +1,727 @@
+package main
+
+// The service's promise under faults: a committed order is announced on
+// pay-order at least once, and a payment result is applied exactly once,
+// whatever fails. Each test breaks one thing and asserts on rows and records.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+)
+
+// child is the service running as a separate process (this test binary,
+// re-executed), so a test can SIGKILL or SIGTERM it.
+type child struct {
+	cmd    *exec.Cmd
+	url    string
+	out    *logBuffer
+	stderr *logBuffer
+	done   chan struct{}
+	err    error
+}
+
+// startChild starts the service with env (HTTP_ADDR must name a port).
+func startChild(t testing.TB, env map[string]string) *child {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"=1")
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	c := &child{cmd: cmd, url: "http://" + env["HTTP_ADDR"], out: &logBuffer{}, stderr: &logBuffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = c.out, c.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start child: %v", err)
+	}
+	go func() {
+		c.err = cmd.Wait()
+		close(c.done)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-c.done
+		if t.Failed() {
+			t.Logf("child logs:\n%s%s", c.out, c.stderr)
+		}
+	})
+	return c
+}
+
+func (c *child) waitReady(t testing.TB) {
+	t.Helper()
+	waitFor(t, 20*time.Second, "child /healthz", func() bool {
+		select {
+		case <-c.done:
+			t.Fatalf("child exited during start: %v\n%s%s", c.err, c.out, c.stderr)
+		default:
+		}
+		resp, err := http.Get(c.url + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+func (c *child) kill(t testing.TB) {
+	t.Helper()
+	if err := c.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatalf("kill child: %v", err)
+	}
+	<-c.done
+}
+
+func childEnvFor(dbURL string, b *broker) map[string]string {
+	env := serviceEnv(dbURL, b)
+	env["HTTP_ADDR"] = "127.0.0.1:" + freePortNoT()
+	return env
+}
+
+func freePortNoT() string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer ln.Close()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	return port
+}
+
+// metric reads one sample of the service's /metrics.
+func metric(t testing.TB, baseURL, sample string) float64 {
+	t.Helper()
+	r := do(t, "GET", baseURL+"/metrics", "")
+	for _, line := range strings.Split(string(r.body), "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("metric %s: %v", line, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("no sample %s in /metrics:\n%s", sample, r.body)
+	return 0
+}
+
+// 1. Crash under load.
+
+func TestCrashUnderLoadLosesNoEvent(t *testing.T) {
+	b := newBroker(t, true) // the broker lives in this process and outlives the child
+	dbURL := newSchema(t)
+	env := childEnvFor(dbURL, b)
+	env["RELAY_BATCH_SIZE"] = "20" // many batches in flight when the kill lands
+	c := startChild(t, env)
+	c.waitReady(t)
+
+	const total = 500
+	user := newUser()
+	var created, refused atomic.Int32
+	var wg sync.WaitGroup
+	client := &http.Client{Timeout: 10 * time.Second}
+	for range 8 {
+		wg.Go(func() {
+			for created.Load() < total {
+				req, _ := http.NewRequest("POST", c.url+"/orders", strings.NewReader(`{"amount": 300}`))
+				req.Header.Set("X-User-Id", user)
+				resp, err := client.Do(req)
+				if err != nil {
+					refused.Add(1) // the service is down: wait for it to come back
+					time.Sleep(20 * time.Millisecond)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusCreated {
+					created.Add(1)
+				}
+			}
+		})
+	}
+	waitFor(t, 60*time.Second, "half the orders created", func() bool { return created.Load() >= total/2 })
+	c.kill(t)
+	t.Logf("SIGKILL after %d orders created", created.Load())
+	c2 := startChild(t, env)
+	c2.waitReady(t)
+	wg.Wait()
+
+	ids := orderIDs(t, dbURL)
+	if len(ids) < total {
+		t.Fatalf("%d order rows, want at least %d", len(ids), total)
+	}
+	recs := readPayOrders(t, b, ids, 60*time.Second)
+	perEvent := map[string]int{}
+	eventOf := map[string]string{}
+	for _, r := range recs {
+		perEvent[r.EventID]++
+		if e, ok := eventOf[r.OrderID]; ok && e != r.EventID {
+			t.Errorf("order %s announced by two different events %s and %s", r.OrderID, e, r.EventID)
+		}
+		eventOf[r.OrderID] = r.EventID
+	}
+	dups := 0
+	for _, n := range perEvent {
+		dups += n - 1
+	}
+	t.Logf("crash under load: %d orders (%d requests refused while down), %d pay-order records, %d duplicates (same event_id)",
+		len(ids), refused.Load(), len(recs), dups)
+	if len(eventOf) != len(ids) {
+		t.Errorf("%d of %d orders announced", len(eventOf), len(ids))
+	}
+}
+
+func orderIDs(t testing.TB, dbURL string) []string {
+	t.Helper()
+	rows, err := schemaPool(t, dbURL).Query(context.Background(), `SELECT id::text FROM orders`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+func TestCrashBetweenApplyAndOffsetCommitChangesNothing(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := childEnvFor(dbURL, b)
+	c := startChild(t, env)
+	c.waitReady(t)
+	user := newUser()
+	o := do(t, "POST", c.url+"/orders", `{"amount": 10}`, "X-User-Id", user).order(t)
+
+	// The broker refuses every offset commit: the result is applied but its
+	// offset can never be committed before the kill.
+	var blockCommits atomic.Bool
+	blockCommits.Store(true)
+	b.cluster.ControlKey(kmsg.OffsetCommit.Int16(), func(kmsg.Request) (kmsg.Response, error, bool) {
+		if !blockCommits.Load() {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		return nil, errors.New("offset commits blocked by the test"), true
+	})
+	produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`)
+	var applied Order
+	waitFor(t, 15*time.Second, "result applied", func() bool {
+		applied = do(t, "GET", c.url+"/orders/"+o.ID, "", "X-User-Id", user).order(t)
+		return applied.Status == "PAID"
+	})
+	c.kill(t)
+	if committedAt(t, b) != 0 {
+		t.Fatalf("offset committed despite the block: the precondition of this test failed")
+	}
+
+	blockCommits.Store(false)
+	c2 := startChild(t, env)
+	c2.waitReady(t)
+	// The killed member's partitions are reassigned after its session
+	// timeout; then the record is delivered again, and acknowledged.
+	waitFor(t, 30*time.Second, "the redelivered result seen", func() bool {
+		return metric(t, c2.url, "payment_results_ignored_total") > 0
+	})
+	waitCommitted(t, b)
+	if got := metric(t, c2.url, "payment_results_ignored_total"); got != 1 {
+		t.Errorf("restarted consumer ignored %v results, want the 1 redelivered", got)
+	}
+	after := do(t, "GET", c2.url+"/orders/"+o.ID, "", "X-User-Id", user).order(t)
+	if after.Status != "PAID" || !after.UpdatedAt.Equal(applied.UpdatedAt) {
+		t.Errorf("redelivery changed the order: %+v, was %+v", after, applied)
+	}
+}
+
+// committedAt sums the group's committed offsets on payment-results.
+func committedAt(t testing.TB, b *broker) int64 {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	offs, err := kadm.NewClient(cl).FetchOffsets(context.Background(), b.topic(consumerGroup))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum int64
+	offs.Each(func(o kadm.OffsetResponse) {
+		if o.Topic == b.topic(topicPaymentResults) && o.At > 0 {
+			sum += o.At
+		}
+	})
+	return sum
+}
+
+// 2. Broker outage.
+
+func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["RELAY_PRODUCE_TIMEOUT"] = "1s"
+	s := startService(t, env)
+	user := newUser()
+	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 10*time.Second)
+	b.gate.setDown(true)
+
+	var ids []string
+	for range 50 {
+		start := time.Now()
+		ids = append(ids, s.createOrder(t, user, 2).ID)
+		if d := time.Since(start); d > time.Second {
+			t.Errorf("POST took %s while the broker was down", d)
+		}
+	}
+	waitFor(t, 10*time.Second, "/readyz 503 while the broker is down", func() bool {
+		return do(t, "GET", s.url+"/readyz", "").status == http.StatusServiceUnavailable
+	})
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`); n != 50 {
+		t.Errorf("unpublished outbox rows during the outage: %d, want 50", n)
+	}
+
+	b.gate.setDown(false)
+	returned := time.Now()
+	recs := readPayOrders(t, b, ids, 15*time.Second)
+	t.Logf("all 50 events on pay-order %s after the broker returned (%d records)", time.Since(returned).Round(time.Millisecond), len(recs))
+	waitFor(t, 10*time.Second, "outbox drained", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
+	})
+	waitFor(t, 10*time.Second, "/readyz 200 after the broker returned", func() bool {
+		return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK
+	})
+}
+
+// 3. Database outage.
+
+// tcpProxy stands between the service and PostgreSQL. Cut, it drops every
+// connection and then accepts new ones without ever answering: the worst
+// case, where only timeouts can save the caller.
+type tcpProxy struct {
+	ln     net.Listener
+	target func() (net.Conn, error)
+	mu     sync.Mutex
+	down   bool
+	conns  map[net.Conn]bool
+}
+
+func newDBProxy(t testing.TB, schema string) (*tcpProxy, string) {
+	t.Helper()
+	cc := testDB.Config().ConnConfig
+	network, addr := "tcp", net.JoinHostPort(cc.Host, strconv.Itoa(int(cc.Port)))
+	if strings.HasPrefix(cc.Host, "/") {
+		network, addr = "unix", fmt.Sprintf("%s/.s.PGSQL.%d", cc.Host, cc.Port)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &tcpProxy{ln: ln, conns: map[net.Conn]bool{},
+		target: func() (net.Conn, error) { return net.Dial(network, addr) }}
+	go p.serve()
+	t.Cleanup(func() {
+		ln.Close()
+		p.set(false)
+	})
+	u := url.URL{Scheme: "postgres", User: url.UserPassword(cc.User, cc.Password), Host: ln.Addr().String(), Path: "/" + cc.Database,
+		RawQuery: url.Values{"sslmode": {"disable"}, "search_path": {schema}}.Encode()}
+	if cc.Password == "" {
+		u.User = url.User(cc.User)
+	}
+	return p, u.String()
+}
+
+func (p *tcpProxy) serve() {
+	for {
+		c, err := p.ln.Accept()
+		if err != nil {
+			return
+		}
+		p.mu.Lock()
+		p.conns[c] = true
+		down := p.down
+		p.mu.Unlock()
+		if down {
+			continue // held open, never answered
+		}
+		go p.pipe(c)
+	}
+}
+
+func (p *tcpProxy) pipe(c net.Conn) {
+	up, err := p.target()
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.mu.Lock()
+	p.conns[up] = true
+	p.mu.Unlock()
+	go func() { io.Copy(up, c); up.Close() }()
+	io.Copy(c, up)
+	c.Close()
+}
+
+// set cuts (down) or restores the database; both drop every connection.
+func (p *tcpProxy) set(down bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.down = down
+	for c := range p.conns {
+		c.Close()
+	}
+	clear(p.conns)
+}
+
+func TestDatabaseOutageAnswers503AndRecovers(t *testing.T) {
+	b := newBroker(t, true)
+	schema := createSchema(t)
+	proxy, dbURL := newDBProxy(t, schema)
+	env := serviceEnv(dbURL, b)
+	// No fallback poll: after the outage only the re-established LISTEN
+	// connection can wake the relay.
+	env["RELAY_POLL_INTERVAL"] = "1h"
+	s := startService(t, env)
+	user := newUser()
+	first := s.createOrder(t, user, 1)
+	readPayOrders(t, b, []string{first.ID}, 10*time.Second)
+	baseline := runtime.NumGoroutine()
+
+	proxy.set(true)
+	// A payment result arriving during the outage must wait, not be lost.
+	produce(t, b, b.topic(topicPaymentResults), first.ID, `{"order_id": "`+first.ID+`", "status": "PAID"}`)
+	var wg sync.WaitGroup
+	for i := range 40 {
+		wg.Go(func() {
+			start := time.Now()
+			var r response
+			switch i % 3 {
+			case 0:
+				r = do(t, "POST", s.url+"/orders", `{"amount": 5}`, "X-User-Id", user)
+			case 1:
+				r = do(t, "GET", s.url+"/orders", "", "X-User-Id", user)
+			default:
+				r = do(t, "GET", s.url+"/orders/"+first.ID, "", "X-User-Id", user)
+			}
+			if d := time.Since(start); d > 5*time.Second {
+				t.Errorf("request %d took %s with the database down", i, d)
+			}
+			if r.status != http.StatusServiceUnavailable || r.header.Get("Content-Type") != "application/problem+json" {
+				t.Errorf("request %d: %d %s, want 503 problem+json", i, r.status, r.body)
+			}
+		})
+	}
+	wg.Wait()
+	if r := do(t, "GET", s.url+"/readyz", ""); r.status != http.StatusServiceUnavailable {
+		t.Errorf("/readyz with the database down: %d %s", r.status, r.body)
+	}
+
+	proxy.set(false)
+	var next Order
+	waitFor(t, 20*time.Second, "POST /orders 201 after the database returned", func() bool {
+		r := do(t, "POST", s.url+"/orders", `{"amount": 6}`, "X-User-Id", user)
+		if r.status == http.StatusCreated {
+			next = r.order(t)
+		}
+		return r.status == http.StatusCreated
+	})
+	readPayOrders(t, b, []string{next.ID}, 20*time.Second) // the relay resumed
+	waitFor(t, 20*time.Second, "the result sent during the outage applied", func() bool {
+		return s.getOrder(t, user, first.ID).Status == "PAID"
+	})
+	if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM orders WHERE amount = 5`); n != 0 {
+		t.Errorf("%d orders written by requests that were answered 503", n)
+	}
+	waitFor(t, 15*time.Second, "goroutines back to the baseline", func() bool {
+		return runtime.NumGoroutine() <= baseline+20
+	})
+}
+
+func newSchemaURL(schema string) string { return withParam(testDBURL, "search_path", schema) }
+
+func TestStartupExitsWithOneLineWhenDatabaseUnreachable(t *testing.T) {
+	b := newBroker(t, true)
+	addr := "127.0.0.1:" + freePortNoT() // nobody listens here
+	env := childEnvFor("postgres://root@"+addr+"/orders?connect_timeout=1", b)
+	env["STARTUP_TIMEOUT"] = "2s"
+	start := time.Now()
+	c := startChild(t, env)
+	select {
+	case <-c.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("still running 20s after start with no database")
+	}
+	var exit *exec.ExitError
+	if !errors.As(c.err, &exit) || exit.ExitCode() != 1 {
+		t.Fatalf("exit: %v, want status 1", c.err)
+	}
+	lines := strings.Split(strings.TrimSpace(c.stderr.String()), "\n")
+	if len(lines) != 1 || !strings.Contains(lines[0], addr) || !strings.Contains(lines[0], "unreachable") {
+		t.Errorf("stderr %q: want one line naming %s", c.stderr.String(), addr)
+	}
+	if d := time.Since(start); d < 2*time.Second || d > 15*time.Second {
+		t.Errorf("gave up after %s; want the 2s STARTUP_TIMEOUT plus start-up", d)
+	}
+}
+
+// 4. Replicas.
+
+func TestTwoReplicasPublishAllOnceAndApplyResultsOnce(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["RELAY_BATCH_SIZE"] = "50"
+	replicas := []*service{startService(t, env), startService(t, env)}
+
+	const total = 1000
+	user := newUser()
+	ids := make([]string, total)
+	var next atomic.Int32
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for i := int(next.Add(1)) - 1; i < total; i = int(next.Add(1)) - 1 {
+				ids[i] = replicas[i%2].createOrder(t, user, int64(i+1)).ID
+			}
+		})
+	}
+	wg.Wait()
+
+	recs := readPayOrders(t, b, ids, 60*time.Second)
+	perEvent := map[string]int{}
+	for _, r := range recs {
+		perEvent[r.EventID]++
+	}
+	dups := len(recs) - len(perEvent)
+	t.Logf("two replicas: %d orders, %d pay-order records, %d duplicates", total, len(recs), dups)
+	if len(perEvent) != total || dups != 0 {
+		t.Errorf("%d distinct events and %d duplicates for %d orders; want %d and 0", len(perEvent), dups, total, total)
+	}
+	published := metric(t, replicas[0].url, "outbox_events_published_total") + metric(t, replicas[1].url, "outbox_events_published_total")
+	if published != total {
+		t.Errorf("the relays published %v events together, want %d", published, total)
+	}
+
+	// Results for every order, spread over the partitions by key.
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var results []*kgo.Record
+	for _, id := range ids {
+		results = append(results, &kgo.Record{Topic: b.topic(topicPaymentResults), Key: []byte(id),
+			Value: []byte(`{"order_id": "` + id + `", "status": "PAID"}`)})
+	}
+	partitions := map[int32]bool{}
+	for _, r := range cl.ProduceSync(context.Background(), results...) {
+		if r.Err != nil {
+			t.Fatal(r.Err)
+		}
+		partitions[r.Record.Partition] = true
+	}
+	if len(partitions) < 2 {
+		t.Fatalf("results landed on %d partition(s); the test needs them spread", len(partitions))
+	}
+	waitFor(t, 60*time.Second, "every order PAID", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID'`) == total
+	})
+	waitCommitted(t, b)
+	var applied, ignored float64
+	for _, s := range replicas {
+		applied += metric(t, s.url, `payment_results_applied_total{status="PAID"}`)
+		ignored += metric(t, s.url, "payment_results_ignored_total")
+	}
+	if applied != total || ignored != 0 {
+		t.Errorf("replicas applied %v and ignored %v results; want %d and 0", applied, ignored, total)
+	}
+}
+
+// 5. Graceful shutdown.
+
+func TestGracefulShutdownUnderLoad(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := childEnvFor(dbURL, b)
+	c := startChild(t, env)
+	c.waitReady(t)
+	user := newUser()
+
+	// Results applied before the signal must not come back after a restart.
+	var paid []string
+	for range 20 {
+		o := do(t, "POST", c.url+"/orders", `{"amount": 1}`, "X-User-Id", user).order(t)
+		paid = append(paid, o.ID)
+		produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`)
+	}
+	waitFor(t, 15*time.Second, "results applied", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID'`) == len(paid)
+	})
+
+	var ok, serverErrors, refused atomic.Int32
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for range 6 {
+		wg.Go(func() {
+			client := &http.Client{Timeout: 15 * time.Second}
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				req, _ := http.NewRequest("POST", c.url+"/orders", strings.NewReader(`{"amount": 2}`))
+				req.Header.Set("X-User-Id", user)
+				resp, err := client.Do(req)
+				if err != nil {
+					refused.Add(1) // not accepted: the listener is closed
+					time.Sleep(5 * time.Millisecond)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				switch {
+				case resp.StatusCode == http.StatusCreated:
+					ok.Add(1)
+				case resp.StatusCode >= 500:
+					serverErrors.Add(1)
+				}
+			}
+		})
+	}
+	waitFor(t, 10*time.Second, "load running", func() bool { return ok.Load() > 50 })
+	signalled := time.Now()
+	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("no exit 15s after SIGTERM")
+	}
+	took := time.Since(signalled)
+	close(stop)
+	wg.Wait()
+	if c.err != nil {
+		t.Errorf("exit after SIGTERM: %v, want status 0", c.err)
+	}
+	if took > 10*time.Second {
+		t.Errorf("shutdown took %s, want at most 10s", took)
+	}
+	if serverErrors.Load() != 0 {
+		t.Errorf("%d answers were 5xx during shutdown", serverErrors.Load())
+	}
+	t.Logf("graceful shutdown: exit after %s; %d orders created under load, %d requests refused after close",
+		took.Round(time.Millisecond), ok.Load(), refused.Load())
+	if got := count(t, dbURL, `SELECT count(*) FROM orders WHERE amount = 2`); got < int(ok.Load()) {
+		t.Errorf("%d orders answered 201 but only %d stored", ok.Load(), got)
+	}
+	// Offsets of every applied result were committed on the way out.
+	if at := committedAt(t, b); at != int64(len(paid)) {
+		t.Errorf("committed offsets sum to %d, want %d: applied results would be redelivered", at, len(paid))
+	}
+
+	// Everything accepted before the signal reaches pay-order after a restart.
+	env["HTTP_ADDR"] = "127.0.0.1:" + freePortNoT()
+	c2 := startChild(t, env)
+	c2.waitReady(t)
+	readPayOrders(t, b, orderIDs(t, dbURL), 20*time.Second)
+	if got := metric(t, c2.url, "payment_results_ignored_total"); got != 0 {
+		t.Errorf("restarted consumer saw %v applied results again", got)
+	}
+}
+
+// 6. Hostile HTTP.
+
+func TestHostileHTTP(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+
+	t.Run("huge header is 431", func(t *testing.T) {
+		r := do(t, "GET", s.url+"/orders", "", "X-User-Id", "u", "X-Padding", strings.Repeat("p", 100<<10))
+		if r.status != http.StatusRequestHeaderFieldsTooLarge {
+			t.Errorf("status %d", r.status)
+		}
+	})
+
+	t.Run("slow client is cut off by the header timeout", func(t *testing.T) {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(s.url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		fmt.Fprint(conn, "POST /orders HTTP/1.1\r\nHost: x\r\nX-User-Id: slow\r\n") // and never the rest
+		start := time.Now()
+		conn.SetReadDeadline(time.Now().Add(15 * time.Second))
+		_, err = io.ReadAll(conn)
+		if d := time.Since(start); err != nil || d > 8*time.Second {
+			t.Errorf("connection still open after %s (err %v); want it closed after the 5s header timeout", d, err)
+		}
+	})
+
+	t.Run("SQL meta-characters are stored verbatim", func(t *testing.T) {
+		user := `O'Brien"; DROP TABLE orders; --`
+		desc := `'); DELETE FROM outbox; -- %_\ $1 ::text` + "\t\u00a0😀"
+		body := fmt.Sprintf(`{"amount": 5, "description": %q}`, desc)
+		r := do(t, "POST", s.url+"/orders", body, "X-User-Id", user)
+		if r.status != http.StatusCreated {
+			t.Fatalf("%d %s", r.status, r.body)
+		}
+		o := r.order(t)
+		got := s.getOrder(t, user, o.ID)
+		if got.UserID != user || got.Description != desc {
+			t.Errorf("read back %q %q", got.UserID, got.Description)
+		}
+		if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE user_id = $1 AND description = $2`, user, desc); n != 1 {
+			t.Errorf("stored row does not match byte for byte")
+		}
+	})
+
+	t.Run("another user's order is never visible", func(t *testing.T) {
+		alice := newUser()
+		o := s.createOrder(t, alice, 77)
+		do(t, "POST", s.url+"/orders", `{"amount": 78}`, "X-User-Id", alice, "Idempotency-Key", "shared")
+		for _, other := range []string{newUser(), strings.ToUpper(alice), alice + "x", "x" + alice, alice[:len(alice)-1]} {
+			if r := do(t, "GET", s.url+"/orders/"+o.ID, "", "X-User-Id", other); r.status != http.StatusNotFound {
+				t.Errorf("GET as %q: %d %s", other, r.status, r.body)
+			}
+			r := do(t, "GET", s.url+"/orders?limit=500", "", "X-User-Id", other)
+			if strings.Contains(string(r.body), o.ID) {
+				t.Errorf("list as %q shows alice's order", other)
+			}
+			r = do(t, "POST", s.url+"/orders", `{"amount": 78}`, "X-User-Id", other, "Idempotency-Key", "shared")
+			if r.status != http.StatusCreated || r.order(t).UserID != other {
+				t.Errorf("idempotency key of another user: %d %s", r.status, r.body)
+			}
+		}
+	})
+}
