@@ -1039,3 +1039,30 @@ func freePort(t testing.TB) string {
 const childEnv = "ORDER_SERVICE_TEST_CHILD"
 
 func childMain() { main() }
+
+// --- the relay ---
+
+// With the fallback poll an hour away, only the NOTIFY sent by the order's
+// transaction can get its event out within the deadline.
+func TestRelayWakesOnNotifyAndPurgesPublishedRows(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["RELAY_POLL_INTERVAL"] = "1h"
+	env["OUTBOX_RETENTION"] = "1ms"
+	env["OUTBOX_PURGE_INTERVAL"] = "100ms"
+	s := startService(t, env)
+	user := newUser()
+	for range 3 {
+		// Let the relay go idle (waiting on NOTIFY) before each order.
+		time.Sleep(50 * time.Millisecond) // not a wait for a condition: it sets one up
+		o := s.createOrder(t, user, 1)
+		readPayOrders(t, b, []string{o.ID}, 3*time.Second)
+	}
+	waitFor(t, 10*time.Second, "published rows purged", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox`) == 0
+	})
+	if n := count(t, dbURL, `SELECT count(*) FROM orders`); n != 3 {
+		t.Errorf("purge touched orders: %d left", n)
+	}
+}

@@ -68,8 +68,14 @@ func (r *relay) run(ctx context.Context) {
 	}()
 	defer func() { <-listenDone }()
 
+	purgeDone := make(chan struct{})
+	go func() {
+		defer close(purgeDone)
+		r.purgeLoop(ctx)
+	}()
+	defer func() { <-purgeDone }()
+
 	var failures int
-	nextPurge := time.Now()
 	for ctx.Err() == nil {
 		n, err := r.publishBatch(ctx)
 		if err != nil {
@@ -83,10 +89,6 @@ func (r *relay) run(ctx context.Context) {
 		failures = 0
 		if n == r.batchSize {
 			continue // a full batch: more are likely waiting
-		}
-		if time.Now().After(nextPurge) {
-			r.purge(ctx)
-			nextPurge = time.Now().Add(r.purgeInterval)
 		}
 		select {
 		case <-ctx.Done():
@@ -148,17 +150,28 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	return len(claimed), nil
 }
 
-func (r *relay) purge(ctx context.Context) {
-	for ctx.Err() == nil {
-		n, err := purgePublished(ctx, r.db, r.retention, purgeBatchSize)
-		if err != nil {
-			if !errors.Is(err, context.Canceled) {
-				r.log.WarnContext(ctx, "relay: purge failed", "err", err)
-			}
+// purgeLoop deletes published rows past their retention, on its own timer so
+// that neither a busy nor an idle relay delays it.
+func (r *relay) purgeLoop(ctx context.Context) {
+	t := time.NewTicker(r.purgeInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
 			return
+		case <-t.C:
 		}
-		if n < purgeBatchSize {
-			return
+		for ctx.Err() == nil {
+			n, err := purgePublished(ctx, r.db, r.retention, purgeBatchSize)
+			if err != nil {
+				if ctx.Err() == nil {
+					r.log.WarnContext(ctx, "relay: purge failed", "err", err)
+				}
+				break
+			}
+			if n < purgeBatchSize {
+				break
+			}
 		}
 	}
 }

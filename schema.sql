@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic        text        NOT NULL,
     key          text        NOT NULL,
     event_id     uuid        NOT NULL UNIQUE,
-    payload      jsonb       NOT NULL,
+    payload      json        NOT NULL, -- json, not jsonb: relayed byte for byte
     created_at   timestamptz NOT NULL DEFAULT now(),
     published_at timestamptz
 );
