@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	_ "embed"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
@@ -49,6 +50,14 @@ func main() {
 		os.Exit(1)
 	}
 }
+
+// The API and event contracts, served at /openapi.yaml and /asyncapi.yaml.
+var (
+	//go:embed openapi.yaml
+	openapiYAML []byte
+	//go:embed asyncapi.yaml
+	asyncapiYAML []byte
+)
 
 // Topic names of the Kafka contract and the consumer group (before
 // KAFKA_TOPIC_PREFIX).
@@ -219,7 +228,10 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		ensureTopics(workCtx, producer, log, cfg.TopicPartitions,
 			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
 	})
-	r := &relay{db: db, kafka: producer, log: log, metrics: m, batchSize: cfg.RelayBatchSize,
+	notes := newNotifier(db, log, outboxChannel, statusChannel)
+	wg.Go(func() { notes.run(workCtx) })
+	wake, _ := notes.subscribe(outboxChannel, "")
+	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
 		pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout,
 		retention: cfg.OutboxRetention, purgeInterval: cfg.PurgeInterval}
 	wg.Go(func() { r.run(workCtx) })
@@ -239,8 +251,11 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		})
 	}
 
+	// Shutdown waits for requests in flight, but an event stream of a
+	// PENDING order could outlast it: streams end when shutdown begins.
+	stopStreams := make(chan struct{})
 	srv := &http.Server{
-		Handler:           newServer(log, db, producer, m, cfg),
+		Handler:           newServer(log, db, producer, notes, m, cfg, stopStreams),
 		ReadHeaderTimeout: 5 * time.Second, // slow-loris clients
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -248,6 +263,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		MaxHeaderBytes:    64 << 10, // answers 431 past this
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	srv.RegisterOnShutdown(func() { close(stopStreams) })
 	ln, err := net.Listen("tcp", cfg.HTTPAddr)
 	if err != nil {
 		stopWork()
@@ -329,22 +345,33 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 }
 
 // newServer builds the HTTP handler: every route, then the middleware.
-func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, m *metrics, cfg config) http.Handler {
+func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, m *metrics, cfg config,
+	stopStreams <-chan struct{}) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, log, db, kafka, m, cfg)
+	addRoutes(mux, log, db, kafka, notes, m, cfg, stopStreams)
 	return m.instrument(recoverPanics(log, mux))
 }
 
+// router is what addRoutes needs of a mux; the tests pass one that records
+// the patterns, to hold openapi.yaml to them.
+type router interface {
+	Handle(pattern string, handler http.Handler)
+}
+
 // addRoutes is the whole API surface in one place.
-func addRoutes(mux *http.ServeMux, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, m *metrics, cfg config) {
+func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, m *metrics, cfg config,
+	stopStreams <-chan struct{}) {
 	mux.Handle("POST /orders", handleCreateOrder(log, db, m, cfg.topic(topicPayOrder)))
 	mux.Handle("GET /orders", handleListOrders(log, db))
 	mux.Handle("GET /orders/{id}", handleGetOrder(log, db))
+	mux.Handle("GET /orders/{id}/events", handleOrderEvents(log, db, notes, stopStreams))
 	mux.Handle("GET /healthz", handleHealthz())
 	mux.Handle("GET /readyz", handleReadyz(db, kafka))
 	mux.Handle("GET /metrics", handleMetrics(m, func(ctx context.Context) (outboxStats, error) {
 		return getOutboxStats(ctx, db)
 	}))
+	mux.Handle("GET /openapi.yaml", handleFile("application/yaml", openapiYAML))
+	mux.Handle("GET /asyncapi.yaml", handleFile("application/yaml", asyncapiYAML))
 }
 
 const (
@@ -486,6 +513,92 @@ func handleGetOrder(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 		default:
 			writeJSON(w, http.StatusOK, order)
 		}
+	})
+}
+
+// handleOrderEvents streams an order's status as Server-Sent Events: the
+// current state at once, then each change, ending after PAID or FAILED. The
+// change may be applied by any replica: it arrives through the NOTIFY that
+// applyPaymentResult sends.
+func handleOrderEvents(log *slog.Logger, db *pgxpool.Pool, notes *notifier, stop <-chan struct{}) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, ok := requireUser(w, r)
+		if !ok {
+			return
+		}
+		id := strings.ToLower(r.PathValue("id"))
+		if !isUUID(id) {
+			writeProblem(w, http.StatusBadRequest, "order id must be a UUID")
+			return
+		}
+		// Subscribe before the first read, so that a change committed in
+		// between still wakes us.
+		changed, unsubscribe := notes.subscribe(statusChannel, id)
+		defer unsubscribe()
+		read := func() (Order, error) {
+			ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+			defer cancel()
+			return getOrder(ctx, db, userID, id)
+		}
+		order, err := read()
+		switch {
+		case errors.Is(err, errNotFound):
+			writeProblem(w, http.StatusNotFound, "no order "+id)
+			return
+		case err != nil:
+			writeDBError(w, r, log, err)
+			return
+		}
+
+		rc := http.NewResponseController(w)
+		_ = rc.SetWriteDeadline(time.Time{}) // the stream outlives the server's WriteTimeout
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Cache-Control", "no-cache")
+		w.Header().Set("X-Accel-Buffering", "no") // proxies must not buffer the stream
+		w.WriteHeader(http.StatusOK)
+		keepAlive := time.NewTicker(15 * time.Second)
+		defer keepAlive.Stop()
+		sent := ""
+		for {
+			if order.Status != sent {
+				b, _ := json.Marshal(order)
+				if _, err := fmt.Fprintf(w, "event: status\ndata: %s\n\n", b); err != nil || rc.Flush() != nil {
+					return
+				}
+				sent = order.Status
+			}
+			if order.Status != "PENDING" {
+				return
+			}
+			select {
+			case <-r.Context().Done():
+				return
+			case <-stop:
+				return
+			case <-keepAlive.C:
+				// A comment line: keeps proxies from timing the stream
+				// out and finds clients that are gone.
+				if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil || rc.Flush() != nil {
+					return
+				}
+				continue
+			case <-changed:
+			}
+			if order, err = read(); err != nil {
+				if r.Context().Err() == nil {
+					log.WarnContext(r.Context(), "order events: read failed", "order_id", id, "err", err)
+					fmt.Fprint(w, "event: error\ndata: {\"detail\": \"status unavailable; reconnect to resume\"}\n\n")
+				}
+				return
+			}
+		}
+	})
+}
+
+func handleFile(contentType string, content []byte) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", contentType)
+		w.Write(content) //nolint:errcheck // the client is gone
 	})
 }
 

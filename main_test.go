@@ -6,6 +6,7 @@ package main
 // assert on HTTP answers, rows and Kafka records.
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -18,6 +19,7 @@ import (
 	"net/url"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -1064,5 +1066,225 @@ func TestRelayWakesOnNotifyAndPurgesPublishedRows(t *testing.T) {
 	})
 	if n := count(t, dbURL, `SELECT count(*) FROM orders`); n != 3 {
 		t.Errorf("purge touched orders: %d left", n)
+	}
+}
+
+// --- live status (Server-Sent Events) ---
+
+type sseEvent struct{ name, data string }
+
+// stream opens GET /orders/{id}/events and delivers its events until the
+// server ends the stream (the channel closes) or the test ends.
+func stream(t testing.TB, baseURL, user, id string) (*http.Response, <-chan sseEvent) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	req, _ := http.NewRequestWithContext(ctx, "GET", baseURL+"/orders/"+id+"/events", nil)
+	req.Header.Set("X-User-Id", user)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := make(chan sseEvent, 16)
+	go func() {
+		defer close(events)
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		var ev sseEvent
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case line == "":
+				if ev.name != "" || ev.data != "" {
+					events <- ev
+				}
+				ev = sseEvent{}
+			case strings.HasPrefix(line, "event: "):
+				ev.name = strings.TrimPrefix(line, "event: ")
+			case strings.HasPrefix(line, "data: "):
+				ev.data = strings.TrimPrefix(line, "data: ")
+			}
+		}
+	}()
+	return resp, events
+}
+
+func nextEvent(t testing.TB, events <-chan sseEvent, timeout time.Duration) (Order, bool) {
+	t.Helper()
+	select {
+	case ev, ok := <-events:
+		if !ok {
+			return Order{}, false
+		}
+		var o Order
+		if ev.name != "status" || json.Unmarshal([]byte(ev.data), &o) != nil {
+			t.Fatalf("unexpected event %+v", ev)
+		}
+		return o, true
+	case <-time.After(timeout):
+		t.Fatalf("no event within %s", timeout)
+		return Order{}, false
+	}
+}
+
+// The stream is served by replica A, whose consumer reads another topic; the
+// result is applied by replica B. Only LISTEN/NOTIFY through PostgreSQL can
+// carry the change from B to A.
+func TestOrderEventsStreamAChangeAppliedByAnotherReplica(t *testing.T) {
+	dbURL := newSchema(t)
+	bA, bB := newBroker(t, false), newBroker(t, false)
+	a := startService(t, serviceEnv(dbURL, bA))
+	bsvc := startService(t, serviceEnv(dbURL, bB))
+	user := newUser()
+	o := bsvc.createOrder(t, user, 10)
+
+	resp, events := stream(t, a.url, user, o.ID)
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("status %d, Content-Type %q", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	first, _ := nextEvent(t, events, 5*time.Second)
+	if first.ID != o.ID || first.Status != "PENDING" {
+		t.Fatalf("first event %+v, want the PENDING order at once", first)
+	}
+	produce(t, bB, bB.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "FAILED", "reason": "card declined"}`)
+	second, _ := nextEvent(t, events, 10*time.Second)
+	if second.Status != "FAILED" || second.FailureReason == nil || *second.FailureReason != "card declined" {
+		t.Fatalf("second event %+v", second)
+	}
+	if _, open := nextEvent(t, events, 5*time.Second); open {
+		t.Error("the stream went on after a terminal status")
+	}
+	if got := metric(t, a.url, `payment_results_applied_total{status="FAILED"}`); got != 0 {
+		t.Errorf("replica A applied the result itself (%v); the test proves nothing", got)
+	}
+
+	// A terminal order: one event, then the end.
+	_, events = stream(t, a.url, user, o.ID)
+	if ev, _ := nextEvent(t, events, 5*time.Second); ev.Status != "FAILED" {
+		t.Errorf("terminal order streamed %+v", ev)
+	}
+	if _, open := nextEvent(t, events, 5*time.Second); open {
+		t.Error("a terminal order's stream did not end")
+	}
+}
+
+func TestOrderEventsIsolationAndErrors(t *testing.T) {
+	b := newBroker(t, false)
+	s := startService(t, serviceEnv(newSchema(t), b))
+	alice := newUser()
+	o := s.createOrder(t, alice, 10)
+	for _, c := range []struct {
+		user, id string
+		status   int
+	}{
+		{newUser(), o.ID, 404},
+		{alice, "01890000-0000-7000-8000-000000000000", 404},
+		{alice, "nope", 400},
+		{"", o.ID, 401},
+	} {
+		r := do(t, "GET", s.url+"/orders/"+c.id+"/events", "", "X-User-Id", c.user)
+		if r.status != c.status || r.header.Get("Content-Type") != "application/problem+json" {
+			t.Errorf("events of %s as %q: %d %s, want %d", c.id, c.user, r.status, r.body, c.status)
+		}
+	}
+
+	// Shutdown ends open streams instead of waiting for them.
+	_, events := stream(t, s.url, alice, o.ID)
+	nextEvent(t, events, 5*time.Second)
+	start := time.Now()
+	if err := s.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("shutdown with an open stream took %s", d)
+	}
+	if _, open := nextEvent(t, events, 5*time.Second); open {
+		t.Error("stream still open after shutdown")
+	}
+}
+
+// --- metrics ---
+
+var (
+	sampleRE = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$`)
+	helpRE   = regexp.MustCompile(`^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) \S.*$`)
+	typeRE   = regexp.MustCompile(`^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram)$`)
+)
+
+func TestMetricsParseAndCount(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	o := s.createOrder(t, user, 10)
+	do(t, "POST", s.url+"/orders", `{"amount": 0}`, "X-User-Id", user)
+	produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`, `garbage`)
+	waitCommitted(t, b)
+	s.getOrder(t, user, o.ID)
+
+	r := do(t, "GET", s.url+"/metrics", "")
+	if r.status != 200 || !strings.HasPrefix(r.header.Get("Content-Type"), "text/plain; version=0.0.4") {
+		t.Fatalf("GET /metrics: %d %q", r.status, r.header.Get("Content-Type"))
+	}
+	types := map[string]string{}
+	samples := map[string]float64{}
+	for i, line := range strings.Split(strings.TrimSuffix(string(r.body), "\n"), "\n") {
+		if m := typeRE.FindStringSubmatch(line); m != nil {
+			types[m[1]] = m[2]
+			continue
+		}
+		if helpRE.MatchString(line) {
+			continue
+		}
+		m := sampleRE.FindStringSubmatch(line)
+		if m == nil {
+			t.Errorf("line %d does not parse: %q", i+1, line)
+			continue
+		}
+		family := m[1]
+		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+			if base, ok := strings.CutSuffix(family, suffix); ok && types[base] == "histogram" {
+				family = base
+			}
+		}
+		if types[family] == "" {
+			t.Errorf("line %d: sample before its # TYPE: %q", i+1, line)
+		}
+		v, err := strconv.ParseFloat(m[3], 64)
+		if err != nil {
+			t.Errorf("line %d: value %q", i+1, m[3])
+		}
+		samples[m[1]+m[2]] = v
+	}
+	for sample, want := range map[string]float64{
+		"orders_created_total":                                     1,
+		"outbox_events_published_total":                            1,
+		`payment_results_applied_total{status="PAID"}`:             1,
+		"payment_results_dlq_total":                                1,
+		"outbox_backlog":                                           0,
+		`http_requests_total{route="POST /orders",code="201"}`:     1,
+		`http_requests_total{route="POST /orders",code="400"}`:     1,
+		`http_requests_total{route="GET /orders/{id}",code="200"}`: 1,
+	} {
+		if got, ok := samples[sample]; !ok || got != want {
+			t.Errorf("%s = %v (present %v), want %v", sample, got, ok, want)
+		}
+	}
+	// Histogram buckets are cumulative and end at the count.
+	prefix := `http_request_duration_seconds_bucket{route="POST /orders",le=`
+	var last float64
+	var les []string
+	for _, b := range durationBuckets {
+		les = append(les, strconv.FormatFloat(b, 'f', -1, 64))
+	}
+	for _, le := range append(les, "+Inf") {
+		v, ok := samples[prefix+`"`+le+`"}`]
+		if !ok || v < last {
+			t.Errorf("bucket le=%s: %v (present %v) after %v", le, v, ok, last)
+		}
+		last = v
+	}
+	if c := samples[`http_request_duration_seconds_count{route="POST /orders"}`]; c != last || c != 2 {
+		t.Errorf("count %v, +Inf bucket %v, want 2", c, last)
 	}
 }

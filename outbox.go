@@ -5,13 +5,11 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
@@ -49,7 +47,7 @@ type relay struct {
 	purgeInterval  time.Duration
 	metrics        *metrics
 
-	wake chan struct{}
+	wake <-chan struct{} // a NOTIFY from createOrder, or the listener reconnected
 }
 
 const (
@@ -60,14 +58,6 @@ const (
 // run publishes until ctx is cancelled, then returns after the batch in
 // flight has been published and marked (or rolled back).
 func (r *relay) run(ctx context.Context) {
-	r.wake = make(chan struct{}, 1)
-	listenDone := make(chan struct{})
-	go func() {
-		defer close(listenDone)
-		r.listen(ctx)
-	}()
-	defer func() { <-listenDone }()
-
 	purgeDone := make(chan struct{})
 	go func() {
 		defer close(purgeDone)
@@ -173,69 +163,6 @@ func (r *relay) purgeLoop(ctx context.Context) {
 				break
 			}
 		}
-	}
-}
-
-// listen holds one connection outside the pool, LISTENing for the NOTIFY sent
-// by createOrder, and wakes the publish loop. Any failure reconnects with
-// backoff; the poll in run covers notifications missed meanwhile.
-func (r *relay) listen(ctx context.Context) {
-	var failures int
-	for ctx.Err() == nil {
-		err := r.listenOnce(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		failures++
-		d := backoff(failures)
-		r.log.WarnContext(ctx, "relay: listen connection lost, reconnecting", "err", err, "retry_in", d)
-		sleep(ctx, d)
-	}
-}
-
-func (r *relay) listenOnce(ctx context.Context) error {
-	pc, err := r.db.Acquire(ctx)
-	if err != nil {
-		return fmt.Errorf("acquire listen connection: %w", err)
-	}
-	// Hijacked, the connection is ours: the pool will neither hand it to
-	// a request nor close it as idle.
-	conn := pc.Hijack()
-	defer conn.Close(context.WithoutCancel(ctx))
-
-	if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{outboxChannel}.Sanitize()); err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	r.poke() // rows committed while we were not listening
-	for {
-		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		_, err := conn.WaitForNotification(wctx)
-		cancel()
-		switch {
-		case err == nil:
-			r.poke()
-		case ctx.Err() != nil:
-			return ctx.Err()
-		case errors.Is(err, context.DeadlineExceeded):
-			// Quiet for a while: make sure the connection still lives,
-			// since a dead one would wait forever.
-			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			err = conn.Ping(pctx)
-			cancel()
-			if err != nil {
-				return fmt.Errorf("ping listen connection: %w", err)
-			}
-		default:
-			return fmt.Errorf("wait for notification: %w", err)
-		}
-	}
-}
-
-// poke wakes the publish loop without blocking; one pending wake is enough.
-func (r *relay) poke() {
-	select {
-	case r.wake <- struct{}{}:
-	default:
 	}
 }
 

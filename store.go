@@ -265,17 +265,26 @@ func purgePublished(ctx context.Context, db dbtx, retention time.Duration, limit
 
 // applyPaymentResult moves a PENDING order to PAID or FAILED. The status in
 // the WHERE clause is what makes the consumer idempotent: a redelivered or
-// conflicting result matches no row and changes nothing.
+// conflicting result matches no row and changes nothing. The NOTIFY, part of
+// the same statement, reaches every replica's status listeners at commit.
 func applyPaymentResult(ctx context.Context, db dbtx, orderID, status string, reason *string) (bool, error) {
-	tag, err := db.Exec(ctx, `
-		UPDATE orders
-		SET status = $2, failure_reason = $3, updated_at = now()
-		WHERE id = $1 AND status = 'PENDING'`,
-		orderID, status, reason)
-	if err != nil {
+	rows, _ := db.Query(ctx, `
+		WITH changed AS (
+			UPDATE orders
+			SET status = $2, failure_reason = $3, updated_at = now()
+			WHERE id = $1 AND status = 'PENDING'
+			RETURNING id
+		)
+		SELECT pg_notify($4, id::text) FROM changed`,
+		orderID, status, reason, statusChannel)
+	n := 0
+	for rows.Next() {
+		n++
+	}
+	if err := rows.Err(); err != nil {
 		return false, fmt.Errorf("apply payment result: %w", err)
 	}
-	return tag.RowsAffected() == 1, nil
+	return n == 1, nil
 }
 
 // orderStatus tells a duplicate result from one for an unknown order.

@@ -1,0 +1,382 @@
+package main
+
+// The documents beside the code — openapi.yaml, asyncapi.yaml, compose.yaml,
+// Dockerfile — are parsed here and held to the code, so that none of them can
+// drift from what the service does. compose.yaml and the Dockerfile cannot be
+// run on the development machine (no Docker engine); these checks are what
+// keeps them honest.
+
+import (
+	"bufio"
+	"encoding/base64"
+	"encoding/json"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"reflect"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"gopkg.in/yaml.v3"
+)
+
+type routeRecorder struct{ patterns []string }
+
+func (r *routeRecorder) Handle(pattern string, _ http.Handler) {
+	r.patterns = append(r.patterns, pattern)
+}
+
+func TestOpenAPIDocumentsEveryRouteAndNoOther(t *testing.T) {
+	var spec struct {
+		OpenAPI string                           `yaml:"openapi"`
+		Paths   map[string]map[string]*yaml.Node `yaml:"paths"`
+	}
+	if err := yaml.Unmarshal(openapiYAML, &spec); err != nil {
+		t.Fatalf("openapi.yaml: %v", err)
+	}
+	if !strings.HasPrefix(spec.OpenAPI, "3.1.") {
+		t.Errorf("openapi %q, want 3.1.x", spec.OpenAPI)
+	}
+	var documented []string
+	for path, ops := range spec.Paths {
+		for method := range ops {
+			switch method {
+			case "get", "post", "put", "patch", "delete", "head", "options":
+				documented = append(documented, strings.ToUpper(method)+" "+path)
+			}
+		}
+	}
+	rec := &routeRecorder{}
+	addRoutes(rec, nil, nil, nil, nil, newMetrics(), config{}, nil)
+	slices.Sort(documented)
+	slices.Sort(rec.patterns)
+	for _, p := range rec.patterns {
+		if !slices.Contains(documented, p) {
+			t.Errorf("route %q is registered but not in openapi.yaml", p)
+		}
+	}
+	for _, d := range documented {
+		if !slices.Contains(rec.patterns, d) {
+			t.Errorf("openapi.yaml documents %q, which is not registered", d)
+		}
+	}
+
+	// Every $ref points at something.
+	refs := regexp.MustCompile(`\$ref: '#/([^']+)'`).FindAllStringSubmatch(string(openapiYAML), -1)
+	var doc map[string]any
+	yaml.Unmarshal(openapiYAML, &doc)
+	for _, m := range refs {
+		var node any = doc
+		for _, part := range strings.Split(m[1], "/") {
+			mm, _ := node.(map[string]any)
+			node = mm[part]
+		}
+		if node == nil {
+			t.Errorf("dangling $ref #/%s", m[1])
+		}
+	}
+}
+
+func TestAsyncAPIMatchesTheKafkaContract(t *testing.T) {
+	var spec struct {
+		AsyncAPI string `yaml:"asyncapi"`
+		Channels map[string]struct {
+			Address string `yaml:"address"`
+		} `yaml:"channels"`
+		Operations map[string]struct {
+			Bindings struct {
+				Kafka struct {
+					GroupID struct {
+						Enum []string `yaml:"enum"`
+					} `yaml:"groupId"`
+				} `yaml:"kafka"`
+			} `yaml:"bindings"`
+		} `yaml:"operations"`
+		Components struct {
+			Messages map[string]struct {
+				Headers struct {
+					Required []string `yaml:"required"`
+				} `yaml:"headers"`
+				Payload struct {
+					Required   []string       `yaml:"required"`
+					Properties map[string]any `yaml:"properties"`
+				} `yaml:"payload"`
+			} `yaml:"messages"`
+		} `yaml:"components"`
+	}
+	if err := yaml.Unmarshal(asyncapiYAML, &spec); err != nil {
+		t.Fatalf("asyncapi.yaml: %v", err)
+	}
+	if !strings.HasPrefix(spec.AsyncAPI, "3.") {
+		t.Errorf("asyncapi %q, want 3.x", spec.AsyncAPI)
+	}
+	var addrs []string
+	for _, c := range spec.Channels {
+		addrs = append(addrs, c.Address)
+	}
+	slices.Sort(addrs)
+	if want := []string{topicPayOrder, topicPaymentResults, topicPaymentDLQ}; !slices.Equal(addrs, want) {
+		t.Errorf("channels %v, want %v", addrs, want)
+	}
+	if g := spec.Operations["consumePaymentResults"].Bindings.Kafka.GroupID.Enum; !slices.Equal(g, []string{consumerGroup}) {
+		t.Errorf("consumer group %v, want %s", g, consumerGroup)
+	}
+
+	// pay-order: the documented fields are exactly what the relay sends.
+	ev, err := payOrderPayload(newUUID(), Order{ID: newUUID(), UserID: "u", Amount: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sent map[string]any
+	json.Unmarshal(ev.JSON, &sent)
+	pay := spec.Components.Messages["PayOrder"]
+	if got, want := sortedKeys(sent), sorted(pay.Payload.Required); !slices.Equal(got, want) {
+		t.Errorf("pay-order fields: sent %v, documented as required %v", got, want)
+	}
+	if !slices.Equal(pay.Headers.Required, []string{"event-id"}) {
+		t.Errorf("pay-order headers %v", pay.Headers.Required)
+	}
+
+	// payment-results: the documented fields are the ones the consumer reads.
+	res := spec.Components.Messages["PaymentResult"]
+	var tags []string
+	for f := range reflect.TypeFor[paymentResult]().Fields() {
+		tag, _, _ := strings.Cut(f.Tag.Get("json"), ",")
+		tags = append(tags, tag)
+	}
+	if got := sortedKeys(res.Payload.Properties); !slices.Equal(got, sorted(tags)) {
+		t.Errorf("payment-result properties %v, consumer reads %v", got, tags)
+	}
+	dlq := spec.Components.Messages["DeadLetter"]
+	if !slices.Equal(sorted(dlq.Headers.Required), []string{"error", "original-offset", "original-partition", "original-topic"}) {
+		t.Errorf("DLQ headers %v", dlq.Headers.Required)
+	}
+}
+
+func TestSpecsAreServed(t *testing.T) {
+	b := newBroker(t, false)
+	s := startService(t, serviceEnv(newSchema(t), b))
+	for path, want := range map[string][]byte{"/openapi.yaml": openapiYAML, "/asyncapi.yaml": asyncapiYAML} {
+		r := do(t, "GET", s.url+path, "")
+		if r.status != 200 || string(r.body) != string(want) || r.header.Get("Content-Type") != "application/yaml" {
+			t.Errorf("GET %s: %d %q, %d bytes", path, r.status, r.header.Get("Content-Type"), len(r.body))
+		}
+	}
+}
+
+func TestComposeFileMatchesTheService(t *testing.T) {
+	raw, err := os.ReadFile("compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	type service struct {
+		Image       string            `yaml:"image"`
+		Build       string            `yaml:"build"`
+		Environment map[string]string `yaml:"environment"`
+		Ports       []string          `yaml:"ports"`
+		Volumes     []string          `yaml:"volumes"`
+		DependsOn   map[string]struct {
+			Condition string `yaml:"condition"`
+		} `yaml:"depends_on"`
+		Healthcheck struct {
+			Test []string `yaml:"test"`
+		} `yaml:"healthcheck"`
+	}
+	var compose struct {
+		Services map[string]service `yaml:"services"`
+		Volumes  map[string]any     `yaml:"volumes"`
+	}
+	if err := yaml.Unmarshal(raw, &compose); err != nil {
+		t.Fatalf("compose.yaml: %v", err)
+	}
+	pg, kafka, app := compose.Services["postgres"], compose.Services["kafka"], compose.Services["order-service"]
+	for name, s := range compose.Services {
+		if len(s.Healthcheck.Test) == 0 {
+			t.Errorf("service %s has no healthcheck", name)
+		}
+	}
+
+	// PostgreSQL: the official image, pg_isready, data on a named volume.
+	if !strings.HasPrefix(pg.Image, "postgres:") || !strings.Contains(strings.Join(pg.Healthcheck.Test, " "), "pg_isready") {
+		t.Errorf("postgres: image %q healthcheck %v", pg.Image, pg.Healthcheck.Test)
+	}
+	if len(pg.Volumes) == 0 || compose.Volumes[strings.Split(pg.Volumes[0], ":")[0]] == nil && !strings.HasPrefix(pg.Volumes[0], "pgdata:") {
+		t.Errorf("postgres volumes %v", pg.Volumes)
+	}
+
+	// Kafka: apache/kafka in KRaft mode, a listener for containers and one
+	// published to the host.
+	ke := kafka.Environment
+	if !strings.HasPrefix(kafka.Image, "apache/kafka:") || ke["KAFKA_PROCESS_ROLES"] != "broker,controller" {
+		t.Errorf("kafka: image %q roles %q", kafka.Image, ke["KAFKA_PROCESS_ROLES"])
+	}
+	if id, err := base64.RawURLEncoding.DecodeString(ke["CLUSTER_ID"]); err != nil || len(id) != 16 {
+		t.Errorf("CLUSTER_ID %q is not a base64url UUID", ke["CLUSTER_ID"])
+	}
+	advertised := strings.Split(ke["KAFKA_ADVERTISED_LISTENERS"], ",")
+	listenerOf := func(hostport string) string {
+		for _, l := range advertised {
+			name, addr, _ := strings.Cut(l, "://")
+			if addr == hostport {
+				return name
+			}
+		}
+		return ""
+	}
+
+	// The service: built from the Dockerfile, started after healthy
+	// dependencies, configured with variables it actually reads.
+	if app.Build != "." {
+		t.Errorf("order-service build %q, want the Dockerfile in .", app.Build)
+	}
+	for _, dep := range []string{"postgres", "kafka"} {
+		if app.DependsOn[dep].Condition != "service_healthy" {
+			t.Errorf("order-service depends_on %s: %+v", dep, app.DependsOn[dep])
+		}
+	}
+	known := map[string]bool{}
+	cfg, err := loadConfig(func(k string) string {
+		known[k] = true
+		return app.Environment[k]
+	})
+	if err != nil {
+		t.Fatalf("the compose environment does not load: %v", err)
+	}
+	for k := range app.Environment {
+		if !known[k] {
+			t.Errorf("compose sets %s, which the service does not read", k)
+		}
+	}
+	if !cfg.DemoPayments {
+		t.Error("DEMO_PAYMENTS is not on: docker compose up would leave orders PENDING")
+	}
+	if len(cfg.KafkaBrokers) != 1 || listenerOf(cfg.KafkaBrokers[0]) == "" {
+		t.Errorf("KAFKA_BROKERS %v is not an advertised listener %v", cfg.KafkaBrokers, advertised)
+	}
+	if l := listenerOf(cfg.KafkaBrokers[0]); l == "" || !strings.Contains(ke["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"], l+":PLAINTEXT") {
+		t.Errorf("listener %q has no PLAINTEXT protocol", l)
+	}
+	hostListener := false
+	for _, p := range kafka.Ports { // [ip:]host:container
+		parts := strings.Split(p, ":")
+		if listenerOf("localhost:"+parts[len(parts)-2]) != "" {
+			hostListener = true
+		}
+	}
+	if !hostListener {
+		t.Errorf("no Kafka port %v published for a host listener in %v", kafka.Ports, advertised)
+	}
+	db, err := url.Parse(app.Environment["DATABASE_URL"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	pass, _ := db.User.Password()
+	if db.Hostname() != "postgres" || db.User.Username() != pg.Environment["POSTGRES_USER"] ||
+		pass != pg.Environment["POSTGRES_PASSWORD"] || db.Path != "/"+pg.Environment["POSTGRES_DB"] {
+		t.Errorf("DATABASE_URL %s does not match the postgres service %v", db.Redacted(), pg.Environment)
+	}
+	_, port, _ := strings.Cut(cfg.HTTPAddr, ":")
+	if !slices.Contains(app.Ports, port+":"+port) {
+		t.Errorf("order-service ports %v do not publish HTTP_ADDR %s", app.Ports, cfg.HTTPAddr)
+	}
+	if !slices.Equal(app.Healthcheck.Test, []string{"CMD", "/order-service", "-healthcheck"}) {
+		t.Errorf("order-service healthcheck %v", app.Healthcheck.Test)
+	}
+}
+
+func TestDockerfileBuildsAStaticNonRootImage(t *testing.T) {
+	raw, err := os.ReadFile("Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var froms []string
+	var user, expose, health string
+	sc := bufio.NewScanner(strings.NewReader(string(raw)))
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "FROM":
+			froms = append(froms, f[1])
+		case "USER":
+			user = f[1]
+		case "EXPOSE":
+			expose = f[1]
+		case "HEALTHCHECK":
+			health = sc.Text()
+		}
+	}
+	if len(froms) < 2 {
+		t.Fatalf("want a multi-stage build, got FROM %v", froms)
+	}
+	// The builder's Go must be at least go.mod's.
+	mod, _ := os.ReadFile("go.mod")
+	goLine := regexp.MustCompile(`(?m)^go (\d+)\.(\d+)`).FindStringSubmatch(string(mod))
+	builder := regexp.MustCompile(`^golang:(\d+)\.(\d+)`).FindStringSubmatch(froms[0])
+	if goLine == nil || builder == nil || atoi(builder[1])*100+atoi(builder[2]) < atoi(goLine[1])*100+atoi(goLine[2]) {
+		t.Errorf("builder %s is older than go.mod's go %v", froms[0], goLine)
+	}
+	final := froms[len(froms)-1]
+	if !strings.Contains(final, "distroless/static") && final != "scratch" {
+		t.Errorf("final image %s: want distroless static or scratch", final)
+	}
+	if !strings.Contains(string(raw), "CGO_ENABLED=0") {
+		t.Error("the binary is not built with CGO_ENABLED=0")
+	}
+	if user == "" || strings.HasPrefix(user, "root") || user == "0" {
+		t.Errorf("USER %q: want a non-root user", user)
+	}
+	if expose != "8081" || !strings.Contains(health, "-healthcheck") {
+		t.Errorf("EXPOSE %q, HEALTHCHECK %q", expose, health)
+	}
+	ignore, _ := os.ReadFile(".dockerignore")
+	for _, embedded := range []string{"schema.sql", "openapi.yaml", "asyncapi.yaml"} {
+		if strings.Contains(string(ignore), embedded) {
+			t.Errorf(".dockerignore drops %s, which the binary embeds", embedded)
+		}
+	}
+}
+
+// The -healthcheck flag is the image's only probe: it must pass against a
+// live service and fail against a dead one.
+func TestHealthcheckFlag(t *testing.T) {
+	b := newBroker(t, false)
+	s := startService(t, serviceEnv(newSchema(t), b))
+	probe := func(addr string) error {
+		cmd := exec.Command(os.Args[0], "-healthcheck")
+		cmd.Env = append(os.Environ(), childEnv+"=1", "HTTP_ADDR="+addr)
+		return cmd.Run()
+	}
+	if err := probe(strings.TrimPrefix(s.url, "http://")); err != nil {
+		t.Errorf("probe of a live service: %v", err)
+	}
+	if err := probe("127.0.0.1:" + freePortNoT()); err == nil {
+		t.Error("probe of a dead port passed")
+	}
+}
+
+func atoi(s string) int {
+	n, _ := strconv.Atoi(s)
+	return n
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	var ks []string
+	for k := range m {
+		ks = append(ks, k)
+	}
+	slices.Sort(ks)
+	return ks
+}
+
+func sorted(s []string) []string {
+	s = slices.Clone(s)
+	slices.Sort(s)
+	return s
+}

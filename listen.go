@@ -1,0 +1,124 @@
+package main
+
+// listen.go is the service's one LISTEN connection and its in-process
+// fan-out: the relay waits on it for new outbox rows, and the Server-Sent
+// Events of GET /orders/{id}/events wait on it for status changes applied by
+// any replica.
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// statusChannel carries the id of an order whose status just changed.
+const statusChannel = "order_service_status"
+
+type notifier struct {
+	db       *pgxpool.Pool
+	log      *slog.Logger
+	channels []string
+
+	mu   sync.Mutex
+	subs map[*subscription]struct{}
+}
+
+type subscription struct {
+	channel, payload string // payload "" matches any
+	c                chan struct{}
+}
+
+func newNotifier(db *pgxpool.Pool, log *slog.Logger, channels ...string) *notifier {
+	return &notifier{db: db, log: log, channels: channels, subs: map[*subscription]struct{}{}}
+}
+
+// subscribe returns a signal that fires after a matching notification. It
+// holds at most one pending signal: a subscriber re-reads the state it cares
+// about, so coalesced notifications lose nothing, and a slow subscriber never
+// blocks the others.
+func (n *notifier) subscribe(channel, payload string) (<-chan struct{}, func()) {
+	s := &subscription{channel: channel, payload: payload, c: make(chan struct{}, 1)}
+	n.mu.Lock()
+	n.subs[s] = struct{}{}
+	n.mu.Unlock()
+	return s.c, func() {
+		n.mu.Lock()
+		delete(n.subs, s)
+		n.mu.Unlock()
+	}
+}
+
+// signal wakes the matching subscribers; channel "" wakes all of them.
+func (n *notifier) signal(channel, payload string) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for s := range n.subs {
+		if channel == "" || s.channel == channel && (s.payload == "" || s.payload == payload) {
+			select {
+			case s.c <- struct{}{}:
+			default:
+			}
+		}
+	}
+}
+
+// run keeps the LISTEN connection up until ctx ends, reconnecting with
+// backoff. Notifications sent while it was down are lost, so every
+// (re)connect wakes every subscriber to re-read.
+func (n *notifier) run(ctx context.Context) {
+	for failures := 1; ctx.Err() == nil; failures++ {
+		err := n.listen(ctx)
+		if ctx.Err() != nil {
+			return
+		}
+		d := backoff(failures)
+		n.log.WarnContext(ctx, "listen connection lost, reconnecting", "err", err, "retry_in", d)
+		sleep(ctx, d)
+	}
+}
+
+func (n *notifier) listen(ctx context.Context) error {
+	pc, err := n.db.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("acquire listen connection: %w", err)
+	}
+	// Hijacked, the connection is ours: the pool will neither hand it to
+	// a request nor close it as idle.
+	conn := pc.Hijack()
+	defer conn.Close(context.WithoutCancel(ctx))
+
+	for _, ch := range n.channels {
+		if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{ch}.Sanitize()); err != nil {
+			return fmt.Errorf("listen %s: %w", ch, err)
+		}
+	}
+	n.signal("", "")
+	for {
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		msg, err := conn.WaitForNotification(wctx)
+		cancel()
+		switch {
+		case err == nil:
+			n.signal(msg.Channel, msg.Payload)
+		case ctx.Err() != nil:
+			return ctx.Err()
+		case errors.Is(err, context.DeadlineExceeded):
+			// Quiet for a while: make sure the connection still lives,
+			// since a dead one would wait forever.
+			pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			err = conn.Ping(pctx)
+			cancel()
+			if err != nil {
+				return fmt.Errorf("ping listen connection: %w", err)
+			}
+		default:
+			return fmt.Errorf("wait for notification: %w", err)
+		}
+	}
+}
