@@ -4,11 +4,13 @@ package main
 // records it can never apply to the dead-letter topic.
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -99,17 +101,14 @@ func (c *consumer) run(ctx context.Context) {
 		fetches.EachError(func(topic string, p int32, err error) {
 			c.log.WarnContext(ctx, "consumer: fetch error", "topic", topic, "partition", p, "err", err)
 		})
-		marked := 0
-		for _, rec := range fetches.Records() {
-			if err := c.handle(ctx, rec); err != nil {
-				// Only shutdown stops handling; the record stays
+		if recs := fetches.Records(); len(recs) > 0 {
+			if err := c.processPoll(ctx, recs); err != nil {
+				// Only shutdown stops processing; the poll stays
 				// unmarked and is redelivered to the next owner.
-				break
+				c.group.AllowRebalance()
+				return
 			}
-			c.group.MarkCommitRecords(rec)
-			marked++
-		}
-		if marked > 0 {
+			c.group.MarkCommitRecords(recs...)
 			// Commit now rather than at the next autocommit tick: the
 			// smaller the window, the fewer redeliveries after a crash.
 			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -122,11 +121,103 @@ func (c *consumer) run(ctx context.Context) {
 	}
 }
 
-// handle applies one record, retrying transient failures (database down,
-// DLQ unwritable) until it succeeds or ctx ends: skipping would lose it.
-func (c *consumer) handle(ctx context.Context, rec *kgo.Record) error {
+// processPoll applies the records of one poll: all valid results in one
+// transaction, then the ones that can never apply to the DLQ. Each step is
+// retried while it fails transiently (database down, DLQ unwritable), until
+// it succeeds or ctx ends: skipping would lose records.
+func (c *consumer) processPoll(ctx context.Context, recs []*kgo.Record) error {
+	type dead struct {
+		rec   *kgo.Record
+		cause error
+	}
+	type item struct {
+		rec *kgo.Record
+		res paymentResult
+	}
+	var poison []dead
+	var batch []item // the first result per order in this poll
+	var later []item // further results for an order already in batch
+	seen := map[string]bool{}
+	for _, rec := range recs {
+		res, err := decodePaymentResult(rec.Value)
+		switch {
+		case err != nil:
+			poison = append(poison, dead{rec, err})
+		case seen[res.OrderID]:
+			later = append(later, item{rec, res})
+		default:
+			seen[res.OrderID] = true
+			batch = append(batch, item{rec, res})
+		}
+	}
+
+	results := make([]paymentResult, len(batch))
+	for i, it := range batch {
+		results[i] = it.res
+	}
+	var applied map[string]bool
+	if err := c.retry(ctx, "apply payment results", func(ctx context.Context) (err error) {
+		applied, err = applyPaymentResults(ctx, c.db, results)
+		return err
+	}); err != nil {
+		return err
+	}
+	var notApplied []item
+	for _, it := range batch {
+		if applied[it.res.OrderID] {
+			c.metrics.resultsApplied(it.res.Status)
+			c.log.InfoContext(ctx, "order status changed", "order_id", it.res.OrderID, "status", it.res.Status)
+		} else {
+			notApplied = append(notApplied, it)
+		}
+	}
+	notApplied = append(notApplied, later...)
+	if len(notApplied) > 0 {
+		ids := make([]string, len(notApplied))
+		for i, it := range notApplied {
+			ids[i] = it.res.OrderID
+		}
+		var current map[string]string
+		if err := c.retry(ctx, "read order statuses", func(ctx context.Context) (err error) {
+			current, err = orderStatuses(ctx, c.db, ids)
+			return err
+		}); err != nil {
+			return err
+		}
+		for _, it := range notApplied {
+			status, known := current[it.res.OrderID]
+			switch {
+			case !known:
+				poison = append(poison, dead{it.rec, fmt.Errorf("%w: unknown order %s", errPoison, it.res.OrderID)})
+			case status == it.res.Status:
+				c.metrics.resultsIgnored.Add(1)
+				c.log.InfoContext(ctx, "duplicate payment result ignored", "order_id", it.res.OrderID, "status", status)
+			default:
+				c.metrics.resultsIgnored.Add(1)
+				c.log.WarnContext(ctx, "conflicting payment result ignored", "order_id", it.res.OrderID,
+					"status", status, "result", it.res.Status)
+			}
+		}
+	}
+
+	// Poison in log order, so the DLQ keeps each partition's order.
+	slices.SortFunc(poison, func(a, b dead) int {
+		return cmp.Or(cmp.Compare(a.rec.Partition, b.rec.Partition), cmp.Compare(a.rec.Offset, b.rec.Offset))
+	})
+	for _, d := range poison {
+		if err := c.retry(ctx, "dead-letter", func(ctx context.Context) error { return c.deadLetter(ctx, d.rec, d.cause) }); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// retry runs step until it succeeds or ctx ends, with capped backoff.
+func (c *consumer) retry(ctx context.Context, what string, step func(context.Context) error) error {
 	for failures := 1; ; failures++ {
-		err := c.process(ctx, rec)
+		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err := step(sctx)
+		cancel()
 		if err == nil {
 			return nil
 		}
@@ -134,43 +225,9 @@ func (c *consumer) handle(ctx context.Context, rec *kgo.Record) error {
 			return ctx.Err()
 		}
 		d := backoff(failures)
-		c.log.WarnContext(ctx, "consumer: record not applied, retrying", "partition", rec.Partition,
-			"offset", rec.Offset, "err", err, "retry_in", d)
+		c.log.WarnContext(ctx, "consumer: "+what+" failed, retrying", "err", err, "retry_in", d)
 		sleep(ctx, d)
 	}
-}
-
-func (c *consumer) process(ctx context.Context, rec *kgo.Record) error {
-	res, err := decodePaymentResult(rec.Value)
-	if err != nil {
-		return c.deadLetter(ctx, rec, err)
-	}
-	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	applied, err := applyPaymentResult(dctx, c.db, res.OrderID, res.Status, res.Reason)
-	if err != nil {
-		return err
-	}
-	if applied {
-		c.metrics.resultsApplied(res.Status)
-		c.log.InfoContext(ctx, "order status changed", "order_id", res.OrderID, "status", res.Status)
-		return nil
-	}
-	current, err := orderStatus(dctx, c.db, res.OrderID)
-	if errors.Is(err, errNotFound) {
-		return c.deadLetter(ctx, rec, fmt.Errorf("%w: unknown order %s", errPoison, res.OrderID))
-	}
-	if err != nil {
-		return err
-	}
-	if current == res.Status {
-		c.log.InfoContext(ctx, "duplicate payment result ignored", "order_id", res.OrderID, "status", res.Status)
-	} else {
-		c.log.WarnContext(ctx, "conflicting payment result ignored", "order_id", res.OrderID,
-			"status", current, "result", res.Status)
-	}
-	c.metrics.resultsIgnored.Add(1)
-	return nil
 }
 
 // deadLetter copies the record to the DLQ with why and where it came from.
@@ -183,9 +240,7 @@ func (c *consumer) deadLetter(ctx context.Context, rec *kgo.Record, cause error)
 		{Key: "original-offset", Value: []byte(strconv.FormatInt(rec.Offset, 10))},
 	}, rec.Headers...)
 	dlq := &kgo.Record{Topic: c.dlqTopic, Key: rec.Key, Value: rec.Value, Headers: headers}
-	pctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	if err := c.producer.ProduceSync(pctx, dlq).FirstErr(); err != nil {
+	if err := c.producer.ProduceSync(ctx, dlq).FirstErr(); err != nil {
 		return fmt.Errorf("dead-letter offset %d: %w", rec.Offset, err)
 	}
 	c.metrics.resultsDeadLettered.Add(1)

@@ -51,7 +51,7 @@ func TestOpenAPIDocumentsEveryRouteAndNoOther(t *testing.T) {
 		}
 	}
 	rec := &routeRecorder{}
-	addRoutes(rec, nil, nil, nil, nil, newMetrics(), config{}, nil)
+	addRoutes(rec, nil, nil, nil, nil, nil, newMetrics(), nil)
 	slices.Sort(documented)
 	slices.Sort(rec.patterns)
 	for _, p := range rec.patterns {

@@ -19,6 +19,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	_ "net/http/pprof" // served only on PPROF_ADDR
 	"net/url"
 	"os"
 	"os/signal"
@@ -85,6 +86,9 @@ type config struct {
 	OutboxRetention   time.Duration
 	PurgeInterval     time.Duration
 	SessionTimeout    time.Duration
+	CreateBatchMax    int
+	CreateWriters     int
+	PprofAddr         string
 	LogLevel          slog.Level
 }
 
@@ -138,6 +142,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		OutboxRetention:   dur("OUTBOX_RETENTION", 24*time.Hour),
 		PurgeInterval:     dur("OUTBOX_PURGE_INTERVAL", 30*time.Second),
 		SessionTimeout:    dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
+		CreateBatchMax:    num("CREATE_BATCH_MAX", 64, 1, 1000),
+		CreateWriters:     num("CREATE_WRITERS", 2, 1, 64),
+		PprofAddr:         str("PPROF_ADDR", ""),
 	}
 	for _, b := range strings.Split(str("KAFKA_BROKERS", ""), ",") {
 		if b = strings.TrimSpace(b); b != "" {
@@ -219,6 +226,16 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		return fmt.Errorf("kafka consumer: %w", err)
 	}
 
+	if cfg.PprofAddr != "" {
+		// Profiling on its own listener, never on the public mux.
+		go func() {
+			log.Info("pprof listening", "addr", cfg.PprofAddr)
+			if err := http.ListenAndServe(cfg.PprofAddr, http.DefaultServeMux); err != nil {
+				log.Warn("pprof stopped", "err", err)
+			}
+		}()
+	}
+
 	m := newMetrics()
 	// Workers outlive ctx: they are stopped in order during shutdown.
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
@@ -228,6 +245,10 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		ensureTopics(workCtx, producer, log, cfg.TopicPartitions,
 			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
 	})
+	orders := newOrderWriter(db, cfg.topic(topicPayOrder), cfg.CreateBatchMax, m)
+	// Few writers make big batches: while one waits for its commit, the
+	// requests arriving meanwhile gather for the next one.
+	wg.Go(func() { orders.run(workCtx, cfg.CreateWriters) })
 	notes := newNotifier(db, log, outboxChannel, statusChannel)
 	wg.Go(func() { notes.run(workCtx) })
 	wake, _ := notes.subscribe(outboxChannel, "")
@@ -255,7 +276,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	// PENDING order could outlast it: streams end when shutdown begins.
 	stopStreams := make(chan struct{})
 	srv := &http.Server{
-		Handler:           newServer(log, db, producer, notes, m, cfg, stopStreams),
+		Handler:           newServer(log, db, producer, notes, orders, m, stopStreams),
 		ReadHeaderTimeout: 5 * time.Second, // slow-loris clients
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -317,6 +338,11 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 		// Requests must fail fast while the database is down, not hang.
 		pcfg.ConnConfig.ConnectTimeout = 3 * time.Second
 	}
+	if !strings.Contains(cfg.DatabaseURL, "pool_max_conns") {
+		// pgxpool's default is max(4, CPUs): too few for the order
+		// writers, the relay, the consumer and reads at once.
+		pcfg.MaxConns = 16
+	}
 	where := fmt.Sprintf("%s:%d/%s", pcfg.ConnConfig.Host, pcfg.ConnConfig.Port, pcfg.ConnConfig.Database)
 	db, err := pgxpool.NewWithConfig(ctx, pcfg)
 	if err != nil {
@@ -345,10 +371,10 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 }
 
 // newServer builds the HTTP handler: every route, then the middleware.
-func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, m *metrics, cfg config,
-	stopStreams <-chan struct{}) http.Handler {
+func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
+	m *metrics, stopStreams <-chan struct{}) http.Handler {
 	mux := http.NewServeMux()
-	addRoutes(mux, log, db, kafka, notes, m, cfg, stopStreams)
+	addRoutes(mux, log, db, kafka, notes, orders, m, stopStreams)
 	return m.instrument(recoverPanics(log, mux))
 }
 
@@ -359,9 +385,9 @@ type router interface {
 }
 
 // addRoutes is the whole API surface in one place.
-func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, m *metrics, cfg config,
-	stopStreams <-chan struct{}) {
-	mux.Handle("POST /orders", handleCreateOrder(log, db, m, cfg.topic(topicPayOrder)))
+func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
+	m *metrics, stopStreams <-chan struct{}) {
+	mux.Handle("POST /orders", handleCreateOrder(log, orders, m))
 	mux.Handle("GET /orders", handleListOrders(log, db))
 	mux.Handle("GET /orders/{id}", handleGetOrder(log, db))
 	mux.Handle("GET /orders/{id}/events", handleOrderEvents(log, db, notes, stopStreams))
@@ -389,7 +415,7 @@ type createOrderRequest struct {
 	Description *string `json:"description"`
 }
 
-func handleCreateOrder(log *slog.Logger, db *pgxpool.Pool, m *metrics, topic string) http.Handler {
+func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		userID, ok := requireUser(w, r)
 		if !ok {
@@ -419,7 +445,8 @@ func handleCreateOrder(log *slog.Logger, db *pgxpool.Pool, m *metrics, topic str
 
 		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
 		defer cancel()
-		order, created, err := createOrder(ctx, db, topic, in)
+		res, err := orders.create(ctx, in)
+		order, created := res.Order, res.Created
 		switch {
 		case errors.Is(err, errIdempotencyConflict):
 			writeProblem(w, http.StatusConflict, "this Idempotency-Key was already used with a different request body")

@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -1286,5 +1287,66 @@ func TestMetricsParseAndCount(t *testing.T) {
 	}
 	if c := samples[`http_request_duration_seconds_count{route="POST /orders"}`]; c != last || c != 2 {
 		t.Errorf("count %v, +Inf bucket %v, want 2", c, last)
+	}
+}
+
+// --- shared commits ---
+
+// writeBatch sends requests through one orderWriter transaction.
+func writeBatch(t testing.TB, w *orderWriter, ins ...newOrder) []createResult {
+	t.Helper()
+	var batch []*createRequest
+	for _, in := range ins {
+		batch = append(batch, &createRequest{ctx: context.Background(), in: in, done: make(chan createResult, 1)})
+	}
+	w.write(batch)
+	out := make([]createResult, len(ins))
+	for _, r := range batch {
+		for i, in := range ins {
+			if in.ID == r.in.ID {
+				out[i] = <-r.done
+			}
+		}
+	}
+	return out
+}
+
+func TestSharedCommitKeepsPerRequestOutcomes(t *testing.T) {
+	dbURL := newSchema(t)
+	db := schemaPool(t, dbURL)
+	if err := applySchema(context.Background(), db); err != nil {
+		t.Fatal(err)
+	}
+	w := newOrderWriter(db, "pay-order", 64, newMetrics())
+	key := func(s string) *string { return &s }
+	order := func(user string, amount int64, k *string) newOrder {
+		return newOrder{ID: newUUID(), UserID: user, Amount: amount, IdempotencyKey: k, RequestHash: []byte{byte(amount)}}
+	}
+
+	// One batch: two new orders, a replay of a key used earlier in the same
+	// batch, and a reuse of that key with another body.
+	res := writeBatch(t, w,
+		order("u1", 1, key("k")), order("u2", 2, nil), order("u1", 1, key("k")), order("u1", 3, key("k")))
+	if !res[0].Created || res[0].Err != nil || !res[1].Created {
+		t.Fatalf("new orders: %+v %+v", res[0], res[1])
+	}
+	if res[2].Created || res[2].Err != nil || res[2].Order.ID != res[0].Order.ID {
+		t.Errorf("replay in the same batch: %+v, want order %s", res[2], res[0].Order.ID)
+	}
+	if !errors.Is(res[3].Err, errIdempotencyConflict) {
+		t.Errorf("key reused with another body: %+v, want a conflict", res[3])
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox`); n != 2 {
+		t.Errorf("%d outbox rows, want 2", n)
+	}
+
+	// One row the database rejects (amount 0 passes no CHECK) must not
+	// fail the requests that share its batch.
+	res = writeBatch(t, w, order("u3", 5, nil), order("u3", 0, nil), order("u3", 6, nil))
+	if !res[0].Created || !res[2].Created || res[1].Err == nil || res[1].Created {
+		t.Errorf("batch with one bad row: %+v", res)
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE user_id = 'u3'`); n != 2 {
+		t.Errorf("%d orders for u3, want 2", n)
 	}
 }

@@ -19,6 +19,7 @@ import (
 
 type metrics struct {
 	ordersCreated       atomic.Int64
+	orderBatches        atomic.Int64
 	eventsPublished     atomic.Int64
 	publishErrors       atomic.Int64
 	resultsPaid         atomic.Int64
@@ -120,6 +121,7 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
 	}
 	counter("orders_created_total", "Orders created (idempotent replays excluded).", m.ordersCreated.Load())
+	counter("order_write_batches_total", "Transactions that wrote orders; orders_created_total / this = orders per commit.", m.orderBatches.Load())
 	counter("outbox_events_published_total", "Outbox events published to Kafka.", m.eventsPublished.Load())
 	counter("outbox_publish_errors_total", "Relay batches that failed and were retried.", m.publishErrors.Load())
 	fmt.Fprintf(w, "# HELP payment_results_applied_total Payment results that changed an order's status.\n"+

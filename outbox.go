@@ -17,6 +17,7 @@ import (
 // payOrderEvent is a pay-order record as the outbox stores it.
 type payOrderEvent struct {
 	EventID string
+	OrderID string // the record key
 	JSON    []byte
 }
 
@@ -32,7 +33,7 @@ func payOrderPayload(eventID string, o Order) (payOrderEvent, error) {
 	if err != nil {
 		return payOrderEvent{}, fmt.Errorf("encode pay-order event: %w", err)
 	}
-	return payOrderEvent{EventID: eventID, JSON: b}, nil
+	return payOrderEvent{EventID: eventID, OrderID: o.ID, JSON: b}, nil
 }
 
 type relay struct {

@@ -71,54 +71,90 @@ type newOrder struct {
 	RequestHash    []byte
 }
 
-// createOrder is the transactional outbox: the order row and the event that
-// announces it commit together or not at all, and the NOTIFY that wakes the
-// relay is delivered only on that commit. created reports whether this call
-// inserted the order (false: an idempotent replay of an earlier request).
-func createOrder(ctx context.Context, db *pgxpool.Pool, topic string, in newOrder) (order Order, created bool, err error) {
-	err = pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		order, err = insertOrder(ctx, tx, in)
-		if errors.Is(err, pgx.ErrNoRows) && in.IdempotencyKey != nil {
-			// ON CONFLICT DO NOTHING waited for the first request's
-			// transaction; its order is visible to this next statement.
-			var hash []byte
-			order, hash, err = getOrderByIdempotencyKey(ctx, tx, in.UserID, *in.IdempotencyKey)
+// createResult is the outcome of one request in a batch.
+type createResult struct {
+	Order   Order
+	Created bool  // false: an idempotent replay of an earlier request
+	Err     error // errIdempotencyConflict, for this request alone
+}
+
+// createOrders is the transactional outbox: every order row and the event
+// that announces it commit together or not at all, and the NOTIFY that wakes
+// the relay is delivered only on that commit. It writes a whole batch of
+// requests in one transaction (see orderWriter), so concurrent requests share
+// one commit, one WAL flush; results[i] answers in[i].
+func createOrders(ctx context.Context, db *pgxpool.Pool, topic string, in []newOrder) ([]createResult, error) {
+	results := make([]createResult, len(in))
+	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		inserted, err := insertOrders(ctx, tx, in)
+		if err != nil {
+			return err
+		}
+		var events []payOrderEvent
+		for i, req := range in {
+			if o, ok := inserted[req.ID]; ok {
+				e, err := payOrderPayload(newUUID(), o)
+				if err != nil {
+					return err
+				}
+				events = append(events, e)
+				results[i] = createResult{Order: o, Created: true}
+				continue
+			}
+			// ON CONFLICT skipped it: the key was used before, by an
+			// earlier request (whose transaction ON CONFLICT waited for)
+			// or by one earlier in this batch.
+			o, hash, err := getOrderByIdempotencyKey(ctx, tx, req.UserID, *req.IdempotencyKey)
 			if err != nil {
 				return err
 			}
-			if string(hash) != string(in.RequestHash) {
-				return errIdempotencyConflict
+			results[i] = createResult{Order: o}
+			if string(hash) != string(req.RequestHash) {
+				results[i] = createResult{Err: errIdempotencyConflict}
 			}
+		}
+		if len(events) == 0 {
 			return nil
 		}
-		if err != nil {
-			return err
-		}
-		created = true
-		payload, err := payOrderPayload(newUUID(), order)
-		if err != nil {
-			return err
-		}
-		if err := insertOutbox(ctx, tx, topic, order.ID, payload); err != nil {
+		if err := insertOutbox(ctx, tx, topic, events); err != nil {
 			return err
 		}
 		return notifyOutbox(ctx, tx)
 	})
-	return order, created, err
+	if err != nil {
+		return nil, err
+	}
+	return results, nil
 }
 
-func insertOrder(ctx context.Context, db dbtx, in newOrder) (Order, error) {
+// insertOrders inserts the batch in its given order and returns the rows it
+// inserted by id; a row whose (user, Idempotency-Key) exists is skipped. The
+// caller sorts batches by key, so two batches lock keys in the same order and
+// cannot deadlock.
+func insertOrders(ctx context.Context, db dbtx, in []newOrder) (map[string]Order, error) {
+	ids, users, descs := make([]string, len(in)), make([]string, len(in)), make([]string, len(in))
+	amounts, keys, hashes := make([]int64, len(in)), make([]*string, len(in)), make([][]byte, len(in))
+	for i, o := range in {
+		ids[i], users[i], amounts[i], descs[i], keys[i], hashes[i] = o.ID, o.UserID, o.Amount, o.Description, o.IdempotencyKey, o.RequestHash
+	}
 	rows, _ := db.Query(ctx, `
 		INSERT INTO orders (id, user_id, amount, description, idempotency_key, request_hash)
-		VALUES ($1, $2, $3, $4, $5, $6)
+		SELECT id, user_id, amount, description, idempotency_key, request_hash
+		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::bytea[])
+		     WITH ORDINALITY AS r(id, user_id, amount, description, idempotency_key, request_hash, n)
+		ORDER BY n
 		ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 		RETURNING id, user_id, amount, description, status, failure_reason, created_at, updated_at`,
-		in.ID, in.UserID, in.Amount, in.Description, in.IdempotencyKey, in.RequestHash)
-	o, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Order])
+		ids, users, amounts, descs, keys, hashes)
+	orders, err := pgx.CollectRows(rows, pgx.RowToStructByName[Order])
 	if err != nil {
-		return Order{}, fmt.Errorf("insert order: %w", err)
+		return nil, fmt.Errorf("insert orders: %w", err)
 	}
-	return o.utc(), nil
+	byID := make(map[string]Order, len(orders))
+	for _, o := range orders {
+		byID[o.ID] = o.utc()
+	}
+	return byID, nil
 }
 
 func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) (Order, []byte, error) {
@@ -136,11 +172,16 @@ func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) 
 	return o.utc(), hash, nil
 }
 
-func insertOutbox(ctx context.Context, db dbtx, topic, key string, e payOrderEvent) error {
+func insertOutbox(ctx context.Context, db dbtx, topic string, events []payOrderEvent) error {
+	keys, ids, payloads := make([]string, len(events)), make([]string, len(events)), make([]string, len(events))
+	for i, e := range events {
+		keys[i], ids[i], payloads[i] = e.OrderID, e.EventID, string(e.JSON)
+	}
 	_, err := db.Exec(ctx, `
 		INSERT INTO outbox (topic, key, event_id, payload)
-		VALUES ($1, $2, $3, $4)`,
-		topic, key, e.EventID, e.JSON)
+		SELECT $1, key, event_id, payload::json
+		FROM unnest($2::text[], $3::uuid[], $4::text[]) AS e(key, event_id, payload)`,
+		topic, keys, ids, payloads)
 	if err != nil {
 		return fmt.Errorf("insert outbox: %w", err)
 	}
@@ -263,41 +304,65 @@ func purgePublished(ctx context.Context, db dbtx, retention time.Duration, limit
 	return tag.RowsAffected(), nil
 }
 
-// applyPaymentResult moves a PENDING order to PAID or FAILED. The status in
-// the WHERE clause is what makes the consumer idempotent: a redelivered or
-// conflicting result matches no row and changes nothing. The NOTIFY, part of
-// the same statement, reaches every replica's status listeners at commit.
-func applyPaymentResult(ctx context.Context, db dbtx, orderID, status string, reason *string) (bool, error) {
-	rows, _ := db.Query(ctx, `
-		WITH changed AS (
-			UPDATE orders
-			SET status = $2, failure_reason = $3, updated_at = now()
-			WHERE id = $1 AND status = 'PENDING'
-			RETURNING id
-		)
-		SELECT pg_notify($4, id::text) FROM changed`,
-		orderID, status, reason, statusChannel)
-	n := 0
-	for rows.Next() {
-		n++
+// applyPaymentResults moves PENDING orders to PAID or FAILED, a whole poll
+// of results in one transaction, and returns the ids it changed. The status
+// in the WHERE clause is what makes the consumer idempotent: a redelivered or
+// conflicting result matches no row and changes nothing. The NOTIFY reaches
+// every replica's status listeners at commit. Each order appears at most once
+// in results: UPDATE ... FROM would apply an arbitrary one of two.
+func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymentResult) (map[string]bool, error) {
+	if len(results) == 0 {
+		return nil, nil
 	}
-	if err := rows.Err(); err != nil {
-		return false, fmt.Errorf("apply payment result: %w", err)
+	ids, statuses, reasons := make([]string, len(results)), make([]string, len(results)), make([]*string, len(results))
+	for i, r := range results {
+		ids[i], statuses[i], reasons[i] = r.OrderID, r.Status, r.Reason
 	}
-	return n == 1, nil
+	changed := map[string]bool{}
+	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		rows, _ := tx.Query(ctx, `
+			UPDATE orders o
+			SET status = r.status, failure_reason = r.reason, updated_at = now()
+			FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(id, status, reason)
+			WHERE o.id = r.id AND o.status = 'PENDING'
+			RETURNING o.id::text`,
+			ids, statuses, reasons)
+		done, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		if err != nil {
+			return fmt.Errorf("apply payment results: %w", err)
+		}
+		for _, id := range done {
+			changed[id] = true
+		}
+		return notifyStatus(ctx, tx, done)
+	})
+	return changed, err
 }
 
-// orderStatus tells a duplicate result from one for an unknown order.
-func orderStatus(ctx context.Context, db dbtx, orderID string) (string, error) {
-	var status string
-	err := db.QueryRow(ctx, `SELECT status FROM orders WHERE id = $1`, orderID).Scan(&status)
-	if errors.Is(err, pgx.ErrNoRows) {
-		return "", errNotFound
+func notifyStatus(ctx context.Context, db dbtx, orderIDs []string) error {
+	if len(orderIDs) == 0 {
+		return nil
 	}
+	_, err := db.Exec(ctx, `SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id`, statusChannel, orderIDs)
 	if err != nil {
-		return "", fmt.Errorf("order status: %w", err)
+		return fmt.Errorf("notify status: %w", err)
 	}
-	return status, nil
+	return nil
+}
+
+// orderStatuses tells duplicate results from ones for unknown orders.
+func orderStatuses(ctx context.Context, db dbtx, ids []string) (map[string]string, error) {
+	rows, _ := db.Query(ctx, `SELECT id::text, status FROM orders WHERE id = ANY($1::uuid[])`, ids)
+	statuses := map[string]string{}
+	var id, status string
+	_, err := pgx.ForEachRow(rows, []any{&id, &status}, func() error {
+		statuses[id] = status
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("order statuses: %w", err)
+	}
+	return statuses, nil
 }
 
 // utc keeps JSON times in one zone whatever the server's TimeZone setting is.

@@ -1,0 +1,141 @@
+package main
+
+// batch.go shares commits between concurrent POST /orders. A commit waits for
+// its WAL flush; while one transaction waits, requests that arrive queue up,
+// and the next transaction takes them all. Under light load every batch holds
+// one request and nothing waits for company.
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+type createRequest struct {
+	ctx  context.Context
+	in   newOrder
+	done chan createResult
+}
+
+type orderWriter struct {
+	db       *pgxpool.Pool
+	topic    string
+	maxBatch int
+	queue    chan *createRequest
+	metrics  *metrics
+}
+
+func newOrderWriter(db *pgxpool.Pool, topic string, maxBatch int, m *metrics) *orderWriter {
+	return &orderWriter{db: db, topic: topic, maxBatch: maxBatch, queue: make(chan *createRequest), metrics: m}
+}
+
+// create writes one order, in a transaction it may share with others.
+func (w *orderWriter) create(ctx context.Context, in newOrder) (createResult, error) {
+	req := &createRequest{ctx: ctx, in: in, done: make(chan createResult, 1)}
+	select {
+	case w.queue <- req:
+	case <-ctx.Done():
+		return createResult{}, ctx.Err()
+	}
+	select {
+	case res := <-req.done:
+		return res, res.Err
+	case <-ctx.Done():
+		// The batch may still commit this order; a retry with the same
+		// Idempotency-Key finds it.
+		return createResult{}, ctx.Err()
+	}
+}
+
+// run starts workers that each write one batch at a time, until ctx ends.
+func (w *orderWriter) run(ctx context.Context, workers int) {
+	var wg sync.WaitGroup
+	for range workers {
+		wg.Go(func() {
+			for {
+				var batch []*createRequest
+				select {
+				case <-ctx.Done():
+					return
+				case r := <-w.queue:
+					batch = append(batch, r)
+				}
+				// Take whoever is already waiting; never wait for more.
+			fill:
+				for len(batch) < w.maxBatch {
+					select {
+					case r := <-w.queue:
+						batch = append(batch, r)
+					default:
+						break fill
+					}
+				}
+				w.write(batch)
+			}
+		})
+	}
+	wg.Wait()
+}
+
+func (w *orderWriter) write(batch []*createRequest) {
+	live := slices.DeleteFunc(batch, func(r *createRequest) bool {
+		if r.ctx.Err() != nil {
+			r.done <- createResult{Err: r.ctx.Err()} // its caller gave up
+			return true
+		}
+		return false
+	})
+	if len(live) == 0 {
+		return
+	}
+	// Lock idempotency keys in one global order: see insertOrders.
+	slices.SortFunc(live, func(a, b *createRequest) int {
+		return cmp.Or(cmp.Compare(a.in.UserID, b.in.UserID), cmp.Compare(deref(a.in.IdempotencyKey), deref(b.in.IdempotencyKey)))
+	})
+	in := make([]newOrder, len(live))
+	for i, r := range live {
+		in[i] = r.in
+	}
+	// The transaction must end by the time the first of its callers stops
+	// waiting: an order written after its request was answered 503 would
+	// surprise the client that retries without an Idempotency-Key.
+	deadline := time.Now().Add(requestDBTimeout)
+	for _, r := range live {
+		if d, ok := r.ctx.Deadline(); ok && d.Before(deadline) {
+			deadline = d
+		}
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	results, err := createOrders(ctx, w.db, w.topic, in)
+	var pgErr *pgconn.PgError
+	if err != nil && len(live) > 1 && errors.As(err, &pgErr) && !dbUnavailable(err) {
+		// A statement failed for the whole batch; it may be one row's
+		// fault. Each request gets its own transaction, and its own error.
+		for _, r := range live {
+			w.write([]*createRequest{r})
+		}
+		return
+	}
+	w.metrics.orderBatches.Add(1)
+	for i, r := range live {
+		if err != nil {
+			r.done <- createResult{Err: err}
+			continue
+		}
+		r.done <- results[i]
+	}
+}
+
+func deref(s *string) string {
+	if s == nil {
+		return ""
+	}
+	return *s
+}

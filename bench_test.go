@@ -1,0 +1,360 @@
+package main
+
+// Benchmarks. Each one measures the service against the database's own
+// ceiling in the same run and reports ratios, since absolute figures drift
+// with whatever else the machine is doing. One iteration is one measurement
+// of BENCH_DURATION (default 15s), so run them with -benchtime=1x:
+//
+//	go test -run='^$' -bench=. -benchtime=1x -count=3 -timeout=30m .
+//
+// The service runs as a child process (this test binary, re-executed), so its
+// peak RSS is its own; the broker is kfake in the benchmark's process.
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/exec"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+func benchDuration(b *testing.B) time.Duration {
+	d := 15 * time.Second
+	if v := os.Getenv("BENCH_DURATION"); v != "" {
+		var err error
+		if d, err = time.ParseDuration(v); err != nil {
+			b.Fatalf("BENCH_DURATION: %v", err)
+		}
+	}
+	return d
+}
+
+var tpsRE = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`)
+
+// pgbenchCeiling runs testdata/pgbench_create_order.sql with 16 clients on a
+// fresh schema and returns its transactions per second.
+func pgbenchCeiling(b *testing.B, d time.Duration) float64 {
+	b.Helper()
+	path, err := exec.LookPath("pgbench")
+	if err != nil {
+		b.Fatal("pgbench not found: install PostgreSQL's client tools (Debian: postgresql-client or postgresql-contrib)")
+	}
+	schema := createSchema(b)
+	db := schemaPool(b, newSchemaURL(schema))
+	if err := applySchema(context.Background(), db); err != nil {
+		b.Fatal(err)
+	}
+	cc := testDB.Config().ConnConfig
+	secs := max(1, int(d.Seconds()))
+	cmd := exec.Command(path, "-n", "-f", "testdata/pgbench_create_order.sql", "-c", "16", "-j", "2", "-T", strconv.Itoa(secs),
+		"-h", cc.Host, "-p", strconv.Itoa(int(cc.Port)), "-U", cc.User, cc.Database)
+	cmd.Env = append(os.Environ(), "PGOPTIONS=-c search_path="+schema, "PGPASSWORD="+cc.Password)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		b.Fatalf("pgbench: %v\n%s", err, out)
+	}
+	m := tpsRE.FindSubmatch(out)
+	if m == nil {
+		b.Fatalf("no tps in pgbench output:\n%s", out)
+	}
+	tps, _ := strconv.ParseFloat(string(m[1]), 64)
+	return tps
+}
+
+// benchService starts the service as a child on a fresh schema.
+func benchService(b *testing.B, br *broker, extra map[string]string) (*child, string) {
+	b.Helper()
+	dbURL := newSchema(b)
+	env := childEnvFor(dbURL, br)
+	env["LOG_LEVEL"] = "warn"
+	if addr := os.Getenv("BENCH_PPROF_ADDR"); addr != "" {
+		env["PPROF_ADDR"] = addr
+	}
+	for k, v := range extra {
+		env[k] = v
+	}
+	c := startChild(b, env)
+	c.waitReady(b)
+	return c, dbURL
+}
+
+// peakRSS is the child's high-water resident set size in MiB.
+func peakRSS(b *testing.B, c *child) float64 {
+	b.Helper()
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", c.cmd.Process.Pid))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+			kb, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 64)
+			return kb / 1024
+		}
+	}
+	b.Fatal("no VmHWM in /proc/<pid>/status")
+	return 0
+}
+
+// load posts orders from n keep-alive connections for d; it returns the
+// orders created per second and fails on any answer but 201.
+func load(b *testing.B, baseURL string, n int, d time.Duration) float64 {
+	b.Helper()
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n, MaxConnsPerHost: n}}
+	var created, failed atomic.Int64
+	deadline := time.Now().Add(d)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := range n {
+		user := fmt.Sprintf("bench-%d", w)
+		wg.Go(func() {
+			for time.Now().Before(deadline) {
+				req, _ := http.NewRequest("POST", baseURL+"/orders", strings.NewReader(`{"amount": 1500, "description": "bench"}`))
+				req.Header.Set("X-User-Id", user)
+				resp, err := client.Do(req)
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode == http.StatusCreated {
+					created.Add(1)
+				} else {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if f := failed.Load(); f > 0 {
+		b.Errorf("%d requests failed during the load", f)
+	}
+	return float64(created.Load()) / time.Since(start).Seconds()
+}
+
+// BenchmarkCreateThroughput: POST /orders from 16 connections with the relay
+// and consumer running, against pgbench running the same transaction with 16
+// clients, one after the other in the same run. "shared" is the default
+// (commits shared by up to 64 requests, 2 writers); "single" turns that off:
+// every request its own transaction, 16 at a time like pgbench's clients.
+func BenchmarkCreateThroughput(b *testing.B) {
+	for _, mode := range []struct {
+		name string
+		env  map[string]string
+	}{
+		{"single", map[string]string{"CREATE_BATCH_MAX": "1", "CREATE_WRITERS": "16"}},
+		{"shared", nil},
+	} {
+		b.Run(mode.name, func(b *testing.B) {
+			d := benchDuration(b)
+			for range b.N {
+				ceiling := pgbenchCeiling(b, d)
+				br := newBroker(b, true)
+				c, _ := benchService(b, br, mode.env)
+				rate := load(b, c.url, 16, d)
+				b.ReportMetric(ceiling, "pgbench_tps")
+				b.ReportMetric(rate, "orders/s")
+				b.ReportMetric(rate/ceiling, "ratio")
+				b.ReportMetric(peakRSS(b, c), "peak_rss_MiB")
+				b.ReportMetric(metric(b, c.url, "orders_created_total")/metric(b, c.url, "order_write_batches_total"), "orders/commit")
+			}
+		})
+	}
+}
+
+// BenchmarkPublishLatency: orders at a steady 200/s; the time from each 201
+// to its record being readable on pay-order.
+func BenchmarkPublishLatency(b *testing.B) {
+	d := benchDuration(b)
+	for range b.N {
+		br := newBroker(b, true)
+		c, _ := benchService(b, br, nil)
+		arrived := map[string]time.Time{}
+		var mu sync.Mutex
+		ctx, cancel := context.WithCancel(context.Background())
+		cl, err := kgo.NewClient(kgo.SeedBrokers(br.addrs...), kgo.ConsumeTopics(br.topic(topicPayOrder)),
+			kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(time.Second))
+		if err != nil {
+			b.Fatal(err)
+		}
+		consumed := make(chan struct{})
+		go func() {
+			defer close(consumed)
+			for ctx.Err() == nil {
+				fetches := cl.PollFetches(ctx)
+				now := time.Now()
+				mu.Lock()
+				fetches.EachRecord(func(r *kgo.Record) { arrived[string(r.Key)] = now })
+				mu.Unlock()
+			}
+		}()
+		answered := map[string]time.Time{}
+		tick := time.NewTicker(5 * time.Millisecond) // 200/s
+		client := &http.Client{}
+		end := time.Now().Add(d)
+		var wg sync.WaitGroup
+		for time.Now().Before(end) {
+			<-tick.C
+			wg.Go(func() {
+				req, _ := http.NewRequest("POST", c.url+"/orders", strings.NewReader(`{"amount": 1}`))
+				req.Header.Set("X-User-Id", "latency")
+				resp, err := client.Do(req)
+				if err != nil {
+					b.Error(err)
+					return
+				}
+				at := time.Now()
+				r := response{status: resp.StatusCode}
+				r.body, _ = io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if r.status != http.StatusCreated {
+					b.Errorf("POST: %d %s", r.status, r.body)
+					return
+				}
+				o := r.order(b)
+				mu.Lock()
+				answered[o.ID] = at
+				mu.Unlock()
+			})
+		}
+		tick.Stop()
+		wg.Wait()
+		waitFor(b, 30*time.Second, "every order on pay-order", func() bool {
+			mu.Lock()
+			defer mu.Unlock()
+			for id := range answered {
+				if _, ok := arrived[id]; !ok {
+					return false
+				}
+			}
+			return true
+		})
+		cancel()
+		<-consumed
+		cl.Close()
+		var lat []time.Duration
+		for id, at := range answered {
+			// The record can be fetched before the client has read the
+			// 201: that is zero latency, not negative.
+			lat = append(lat, max(0, arrived[id].Sub(at)))
+		}
+		slices.Sort(lat)
+		ms := func(q float64) float64 {
+			return float64(lat[min(len(lat)-1, int(q*float64(len(lat))))].Microseconds()) / 1000
+		}
+		b.ReportMetric(float64(len(lat))/d.Seconds(), "orders/s")
+		b.ReportMetric(ms(0.50), "p50_ms")
+		b.ReportMetric(ms(0.99), "p99_ms")
+		b.ReportMetric(float64(lat[len(lat)-1].Microseconds())/1000, "max_ms")
+	}
+}
+
+// seedOrders inserts n PENDING orders in one statement.
+func seedOrders(b *testing.B, dbURL string, n int) {
+	b.Helper()
+	if _, err := schemaPool(b, dbURL).Exec(context.Background(), `
+		INSERT INTO orders (id, user_id, amount, description, request_hash)
+		SELECT gen_random_uuid(), 'seed', 100, 'seeded', '\x00' FROM generate_series(1, $1)`, n); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// seedOutbox writes an unpublished pay-order event for every order, as
+// createOrders would have, in one transaction that wakes the relay.
+func seedOutbox(b *testing.B, dbURL, topic string) {
+	b.Helper()
+	err := pgx.BeginFunc(context.Background(), schemaPool(b, dbURL), func(tx pgx.Tx) error {
+		if _, err := tx.Exec(context.Background(), `
+			WITH e AS (SELECT o.*, gen_random_uuid() AS event_id FROM orders o)
+			INSERT INTO outbox (topic, key, event_id, payload)
+			SELECT $1, id::text, event_id, json_build_object('event_id', event_id, 'order_id', id,
+			       'user_id', user_id, 'amount', amount, 'created_at', created_at)
+			FROM e`, topic); err != nil {
+			return err
+		}
+		return notifyOutbox(context.Background(), tx)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+}
+
+// BenchmarkBacklogDrain: 20,000 unpublished outbox rows (as after a broker
+// outage) appear at once; events per second until all are on pay-order.
+func BenchmarkBacklogDrain(b *testing.B) {
+	const n = 20000
+	for range b.N {
+		br := newBroker(b, true)
+		_, dbURL := benchService(b, br, nil)
+		seedOrders(b, dbURL, n)
+		start := time.Now()
+		seedOutbox(b, dbURL, br.topic(topicPayOrder))
+		waitFor(b, 120*time.Second, "backlog on pay-order", func() bool { return endOffsets(b, br, br.topic(topicPayOrder)) >= n })
+		b.ReportMetric(n/time.Since(start).Seconds(), "events/s")
+	}
+}
+
+// BenchmarkResultsApplied: 20,000 payment-results for PENDING orders;
+// applied per second, from the first produce to the last order PAID.
+func BenchmarkResultsApplied(b *testing.B) {
+	const n = 20000
+	for range b.N {
+		br := newBroker(b, true)
+		c, dbURL := benchService(b, br, nil)
+		seedOrders(b, dbURL, n)
+		ids := orderIDs(b, dbURL)
+		// The consumer has joined its group once a first result is applied.
+		produce(b, br, br.topic(topicPaymentResults), ids[0], `{"order_id": "`+ids[0]+`", "status": "PAID"}`)
+		waitFor(b, 30*time.Second, "consumer ready", func() bool { return metric(b, c.url, `payment_results_applied_total{status="PAID"}`) == 1 })
+
+		cl, err := kgo.NewClient(kgo.SeedBrokers(br.addrs...), kgo.ProducerLinger(0))
+		if err != nil {
+			b.Fatal(err)
+		}
+		var recs []*kgo.Record
+		for _, id := range ids[1:] {
+			recs = append(recs, &kgo.Record{Topic: br.topic(topicPaymentResults), Key: []byte(id),
+				Value: []byte(`{"order_id": "` + id + `", "status": "PAID"}`)})
+		}
+		start := time.Now()
+		if err := cl.ProduceSync(context.Background(), recs...).FirstErr(); err != nil {
+			b.Fatal(err)
+		}
+		cl.Close()
+		waitFor(b, 120*time.Second, "every order PAID", func() bool {
+			return count(b, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID'`) == n
+		})
+		b.ReportMetric(float64(n-1)/time.Since(start).Seconds(), "results/s")
+	}
+}
+
+func endOffsets(b *testing.B, br *broker, topic string) int64 {
+	cl, err := kgo.NewClient(kgo.SeedBrokers(br.addrs...))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer cl.Close()
+	ends, err := kadm.NewClient(cl).ListEndOffsets(context.Background(), topic)
+	if err != nil {
+		return 0
+	}
+	var sum int64
+	ends.Each(func(o kadm.ListedOffset) { sum += o.Offset })
+	return sum
+}
