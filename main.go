@@ -228,12 +228,19 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 
 	if cfg.PprofAddr != "" {
 		// Profiling on its own listener, never on the public mux.
+		pprofSrv := &http.Server{Addr: cfg.PprofAddr, Handler: http.DefaultServeMux, ReadHeaderTimeout: 5 * time.Second}
+		defer pprofSrv.Close()
 		go func() {
 			log.Info("pprof listening", "addr", cfg.PprofAddr)
-			if err := http.ListenAndServe(cfg.PprofAddr, http.DefaultServeMux); err != nil {
+			if err := pprofSrv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
 				log.Warn("pprof stopped", "err", err)
 			}
 		}()
+	}
+	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	if err != nil {
+		group.Close()
+		return fmt.Errorf("listen: %w", err)
 	}
 
 	m := newMetrics()
@@ -257,11 +264,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		retention: cfg.OutboxRetention, purgeInterval: cfg.PurgeInterval}
 	wg.Go(func() { r.run(workCtx) })
 	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m}
-	consumerDone := make(chan struct{})
-	go func() {
-		defer close(consumerDone)
-		c.run(workCtx)
-	}()
+	wg.Go(func() { c.run(workCtx) })
 	if cfg.DemoPayments {
 		log.Info("demo payments on: orders up to the limit are PAID, larger ones FAILED", "limit", demoPaymentLimit)
 		wg.Go(func() {
@@ -285,14 +288,6 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
 	srv.RegisterOnShutdown(func() { close(stopStreams) })
-	ln, err := net.Listen("tcp", cfg.HTTPAddr)
-	if err != nil {
-		stopWork()
-		wg.Wait()
-		<-consumerDone
-		group.CloseAllowingRebalance()
-		return fmt.Errorf("listen: %w", err)
-	}
 	log.Info("http server listening", "addr", ln.Addr().String())
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- srv.Serve(ln) }()
@@ -314,8 +309,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		log.Warn("http shutdown", "err", serr)
 	}
 	stopWork()
-	wg.Wait()
-	<-consumerDone
+	wg.Wait() // the relay's last batch is marked, the consumer's last poll committed
 	if lerr := group.LeaveGroupContext(sctx); lerr != nil {
 		log.Warn("leave consumer group", "err", lerr)
 	}
@@ -546,7 +540,7 @@ func handleGetOrder(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 // handleOrderEvents streams an order's status as Server-Sent Events: the
 // current state at once, then each change, ending after PAID or FAILED. The
 // change may be applied by any replica: it arrives through the NOTIFY that
-// applyPaymentResult sends.
+// applyPaymentResults sends.
 func handleOrderEvents(log *slog.Logger, db *pgxpool.Pool, notes *notifier, stop <-chan struct{}) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		userID, ok := requireUser(w, r)

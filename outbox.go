@@ -48,7 +48,7 @@ type relay struct {
 	purgeInterval  time.Duration
 	metrics        *metrics
 
-	wake <-chan struct{} // a NOTIFY from createOrder, or the listener reconnected
+	wake <-chan struct{} // a NOTIFY from createOrders, or the listener reconnected
 }
 
 const (
