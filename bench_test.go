@@ -28,7 +28,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -342,19 +341,4 @@ func BenchmarkResultsApplied(b *testing.B) {
 		})
 		b.ReportMetric(float64(n-1)/time.Since(start).Seconds(), "results/s")
 	}
-}
-
-func endOffsets(b *testing.B, br *broker, topic string) int64 {
-	cl, err := kgo.NewClient(kgo.SeedBrokers(br.addrs...))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer cl.Close()
-	ends, err := kadm.NewClient(cl).ListEndOffsets(context.Background(), topic)
-	if err != nil {
-		return 0
-	}
-	var sum int64
-	ends.Each(func(o kadm.ListedOffset) { sum += o.Offset })
-	return sum
 }

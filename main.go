@@ -514,13 +514,8 @@ func handleListOrders(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 
 func handleGetOrder(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		userID, ok := requireUser(w, r)
+		userID, id, ok := requireUserAndOrderID(w, r)
 		if !ok {
-			return
-		}
-		id := strings.ToLower(r.PathValue("id"))
-		if !isUUID(id) {
-			writeProblem(w, http.StatusBadRequest, "order id must be a UUID")
 			return
 		}
 		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
@@ -543,13 +538,8 @@ func handleGetOrder(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 // applyPaymentResults sends.
 func handleOrderEvents(log *slog.Logger, db *pgxpool.Pool, notes *notifier, stop <-chan struct{}) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		userID, ok := requireUser(w, r)
+		userID, id, ok := requireUserAndOrderID(w, r)
 		if !ok {
-			return
-		}
-		id := strings.ToLower(r.PathValue("id"))
-		if !isUUID(id) {
-			writeProblem(w, http.StatusBadRequest, "order id must be a UUID")
 			return
 		}
 		// Subscribe before the first read, so that a change committed in
@@ -666,6 +656,19 @@ func requireUser(w http.ResponseWriter, r *http.Request) (string, bool) {
 		return "", false
 	}
 	return vals[0], true
+}
+
+// requireUserAndOrderID reads X-User-Id and the {id} of /orders/{id}.
+func requireUserAndOrderID(w http.ResponseWriter, r *http.Request) (userID, id string, ok bool) {
+	if userID, ok = requireUser(w, r); !ok {
+		return "", "", false
+	}
+	id = strings.ToLower(r.PathValue("id"))
+	if !isUUID(id) {
+		writeProblem(w, http.StatusBadRequest, "order id must be a UUID")
+		return "", "", false
+	}
+	return userID, id, true
 }
 
 func printable(s string, maxChars int) bool {

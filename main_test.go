@@ -880,18 +880,29 @@ func waitCommitted(t testing.TB, b *broker) {
 // readTopicNow returns every record currently in topic.
 func readTopicNow(t testing.TB, b *broker, topic string) []*kgo.Record {
 	t.Helper()
+	total := endOffsets(t, b, topic)
+	return readTopic(t, b, topic, 10*time.Second, func(recs []*kgo.Record) bool { return int64(len(recs)) >= total })
+}
+
+// endOffsets sums the end offsets of topic's partitions: how many records
+// it holds.
+func endOffsets(t testing.TB, b *broker, topic string) int64 {
+	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer cl.Close()
 	ends, err := kadm.NewClient(cl).ListEndOffsets(context.Background(), topic)
-	cl.Close()
-	if err != nil {
-		t.Fatal(err)
+	if err == nil {
+		err = ends.Error()
 	}
-	var total int64
-	ends.Each(func(o kadm.ListedOffset) { total += o.Offset })
-	return readTopic(t, b, topic, 10*time.Second, func(recs []*kgo.Record) bool { return int64(len(recs)) >= total })
+	if err != nil {
+		t.Fatalf("end offsets of %s: %v", topic, err)
+	}
+	var sum int64
+	ends.Each(func(o kadm.ListedOffset) { sum += o.Offset })
+	return sum
 }
 
 func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
