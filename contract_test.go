@@ -356,7 +356,7 @@ func TestHealthcheckFlag(t *testing.T) {
 	if err := probe(strings.TrimPrefix(s.url, "http://")); err != nil {
 		t.Errorf("probe of a live service: %v", err)
 	}
-	if err := probe("127.0.0.1:" + freePortNoT()); err == nil {
+	if err := probe("127.0.0.1:" + freePort()); err == nil {
 		t.Error("probe of a dead port passed")
 	}
 }

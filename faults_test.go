@@ -93,11 +93,11 @@ func (c *child) kill(t testing.TB) {
 
 func childEnvFor(dbURL string, b *broker) map[string]string {
 	env := serviceEnv(dbURL, b)
-	env["HTTP_ADDR"] = "127.0.0.1:" + freePortNoT()
+	env["HTTP_ADDR"] = "127.0.0.1:" + freePort()
 	return env
 }
 
-func freePortNoT() string {
+func freePort() string {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		panic(err)
@@ -469,7 +469,7 @@ func newSchemaURL(schema string) string { return withParam(testDBURL, "search_pa
 
 func TestStartupExitsWithOneLineWhenDatabaseUnreachable(t *testing.T) {
 	b := newBroker(t, true)
-	addr := "127.0.0.1:" + freePortNoT() // nobody listens here
+	addr := "127.0.0.1:" + freePort() // nobody listens here
 	env := childEnvFor("postgres://root@"+addr+"/orders?connect_timeout=1", b)
 	env["STARTUP_TIMEOUT"] = "2s"
 	start := time.Now()
@@ -650,7 +650,7 @@ func TestGracefulShutdownUnderLoad(t *testing.T) {
 	}
 
 	// Everything accepted before the signal reaches pay-order after a restart.
-	env["HTTP_ADDR"] = "127.0.0.1:" + freePortNoT()
+	env["HTTP_ADDR"] = "127.0.0.1:" + freePort()
 	c2 := startChild(t, env)
 	c2.waitReady(t)
 	readPayOrders(t, b, orderIDs(t, dbURL), 20*time.Second)
