@@ -492,6 +492,30 @@ func TestStartupExitsWithOneLineWhenDatabaseUnreachable(t *testing.T) {
 	}
 }
 
+// A database that answers "no such database" will not change its mind:
+// start-up stops at once instead of waiting out STARTUP_TIMEOUT.
+func TestStartupStopsAtOnceWhenDatabaseRefuses(t *testing.T) {
+	b := newBroker(t, true)
+	env := childEnvFor(withParam(testDBURL, "dbname", "order_service_no_such_db"), b)
+	env["STARTUP_TIMEOUT"] = "60s"
+	start := time.Now()
+	c := startChild(t, env)
+	select {
+	case <-c.done:
+	case <-time.After(20 * time.Second):
+		t.Fatal("still waiting for a database that does not exist")
+	}
+	var exit *exec.ExitError
+	if !errors.As(c.err, &exit) || exit.ExitCode() != 1 {
+		t.Fatalf("exit: %v, want status 1", c.err)
+	}
+	lines := strings.Split(strings.TrimSpace(c.stderr.String()), "\n")
+	if len(lines) != 1 || !strings.Contains(lines[0], "order_service_no_such_db") || !strings.Contains(lines[0], "refused") {
+		t.Errorf("stderr %q: want one line naming the database", c.stderr.String())
+	}
+	t.Logf("gave up after %s: %s", time.Since(start).Round(time.Millisecond), lines[0])
+}
+
 // 4. Replicas.
 
 func TestTwoReplicasPublishAllOnceAndApplyResultsOnce(t *testing.T) {

@@ -351,11 +351,18 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 			log.Info("database connected", "addr", where)
 			return db, nil
 		}
+		// pgx lists every address it tried on lines of their own; the
+		// exit message stays one line.
+		cause := strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " ")
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "28") || pgErr.Code == "3D000") {
+			// A wrong role, password or database name will not fix
+			// itself: say so now rather than after the timeout.
+			db.Close()
+			return nil, fmt.Errorf("database %s refused the connection: %s", where, cause)
+		}
 		if ctx.Err() != nil || time.Now().After(deadline) {
 			db.Close()
-			// pgx lists every address it tried on lines of their own;
-			// the exit message stays one line.
-			cause := strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " ")
 			return nil, fmt.Errorf("database %s unreachable after %s: %s", where, cfg.StartupTimeout, cause)
 		}
 		d := backoff(failures)
