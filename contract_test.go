@@ -10,6 +10,7 @@ import (
 	"bufio"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net/http"
 	"net/url"
 	"os"
@@ -154,6 +155,34 @@ func TestAsyncAPIMatchesTheKafkaContract(t *testing.T) {
 	dlq := spec.Components.Messages["DeadLetter"]
 	if !slices.Equal(sorted(dlq.Headers.Required), []string{"error", "original-offset", "original-partition", "original-topic"}) {
 		t.Errorf("DLQ headers %v", dlq.Headers.Required)
+	}
+}
+
+// A comma in an unquoted YAML flow value ({description: a, b}) silently
+// splits it into a second key with no value. Neither spec has a legitimate
+// empty value, so any is that mistake.
+func TestSpecsHaveNoEmptyValues(t *testing.T) {
+	for name, raw := range map[string][]byte{"openapi.yaml": openapiYAML, "asyncapi.yaml": asyncapiYAML} {
+		var doc any
+		if err := yaml.Unmarshal(raw, &doc); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		var walk func(path string, v any)
+		walk = func(path string, v any) {
+			switch v := v.(type) {
+			case nil:
+				t.Errorf("%s: %s has no value (an unquoted comma?)", name, path)
+			case map[string]any:
+				for k, c := range v {
+					walk(path+"/"+k, c)
+				}
+			case []any:
+				for i, c := range v {
+					walk(fmt.Sprintf("%s[%d]", path, i), c)
+				}
+			}
+		}
+		walk("", doc)
 	}
 }
 
