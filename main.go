@@ -351,9 +351,7 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 			log.Info("database connected", "addr", where)
 			return db, nil
 		}
-		// pgx lists every address it tried on lines of their own; the
-		// exit message stays one line.
-		cause := strings.Join(strings.Fields(strings.ReplaceAll(err.Error(), "\n", "; ")), " ")
+		cause := oneLine(err)
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "28") || pgErr.Code == "3D000") {
 			// A wrong role, password or database name will not fix
@@ -369,6 +367,26 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 		log.Warn("database not reachable yet, retrying", "addr", where, "err", err, "retry_in", d)
 		sleep(ctx, d)
 	}
+}
+
+// oneLine flattens an error for a one-line exit message: pgx lists every
+// address it tried on lines of their own.
+func oneLine(err error) string {
+	var b strings.Builder
+	for _, line := range strings.Split(err.Error(), "\n") {
+		if line = strings.TrimSpace(line); line == "" {
+			continue
+		}
+		if b.Len() > 0 {
+			if strings.HasSuffix(b.String(), ":") {
+				b.WriteString(" ")
+			} else {
+				b.WriteString("; ")
+			}
+		}
+		b.WriteString(line)
+	}
+	return b.String()
 }
 
 // newServer builds the HTTP handler: every route, then the middleware.

@@ -54,7 +54,7 @@ func withTestDatabase(m *testing.M) int {
 	base := os.Getenv("TEST_DATABASE_URL")
 	admin, err := pgx.Connect(ctx, withParam(base, "connect_timeout", "5"))
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "FAIL: no PostgreSQL reachable (%v): start it or set TEST_DATABASE_URL, e.g. postgres://user@localhost:5432/postgres\n", err)
+		fmt.Fprintf(os.Stderr, "FAIL: no PostgreSQL reachable (%s): start it or set TEST_DATABASE_URL, e.g. postgres://user@localhost:5432/postgres\n", oneLine(err))
 		return 1
 	}
 	name := "order_service_test_" + randomHex(6)
