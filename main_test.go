@@ -107,8 +107,10 @@ func randomHex(n int) string {
 // never see each other's orders or outbox rows.
 func newSchema(t testing.TB) string {
 	t.Helper()
-	return withParam(testDBURL, "search_path", createSchema(t))
+	return newSchemaURL(createSchema(t))
 }
+
+func newSchemaURL(schema string) string { return withParam(testDBURL, "search_path", schema) }
 
 func createSchema(t testing.TB) string {
 	t.Helper()
