@@ -320,6 +320,50 @@ func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
 	})
 }
 
+// A broker that accepts produce requests and never answers must not hold the
+// relay's row locks for longer than RELAY_PRODUCE_TIMEOUT.
+func TestStalledBrokerDoesNotHoldOutboxLocks(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["RELAY_PRODUCE_TIMEOUT"] = "1s"
+	s := startService(t, env)
+	user := newUser()
+	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 10*time.Second)
+
+	var stalled atomic.Bool
+	stalled.Store(true)
+	b.cluster.ControlKey(kmsg.Produce.Int16(), func(kmsg.Request) (kmsg.Response, error, bool) {
+		if !stalled.Load() {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		return nil, nil, true // no answer, ever
+	})
+	o := s.createOrder(t, user, 2)
+	db := schemaPool(t, dbURL)
+	locked := func() bool {
+		tx, err := db.Begin(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer tx.Rollback(context.Background())
+		_, err = tx.Exec(context.Background(), `SELECT id FROM outbox WHERE key = $1 FOR UPDATE NOWAIT`, o.ID)
+		return err != nil // 55P03: the relay holds it
+	}
+	waitFor(t, 5*time.Second, "the relay to claim the row and stall", locked)
+	waitFor(t, 5*time.Second, "the row lock released after the produce deadline", func() bool { return !locked() })
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1 AND published_at IS NULL`, o.ID); n != 1 {
+		t.Errorf("the row was marked published while the broker never answered")
+	}
+
+	stalled.Store(false)
+	readPayOrders(t, b, []string{o.ID}, 20*time.Second)
+	waitFor(t, 10*time.Second, "outbox drained", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
+	})
+}
+
 // 3. Database outage.
 
 // tcpProxy stands between the service and PostgreSQL. Cut, it drops every
