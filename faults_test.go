@@ -283,7 +283,11 @@ func committedAt(t testing.TB, b *broker) int64 {
 
 // 2. Broker outage.
 
-func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
+// startWithBrokerFaults starts the service on a broker the test can cut or
+// stall, with a 1s produce deadline, and returns once the relay has published
+// a first order (so it has talked to the broker).
+func startWithBrokerFaults(t *testing.T) (*broker, string, *service, string) {
+	t.Helper()
 	b := newBroker(t, true)
 	dbURL := newSchema(t)
 	env := serviceEnv(dbURL, b)
@@ -291,6 +295,18 @@ func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
 	s := startService(t, env)
 	user := newUser()
 	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 10*time.Second)
+	return b, dbURL, s, user
+}
+
+func waitDrained(t *testing.T, dbURL string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "outbox drained", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
+	})
+}
+
+func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
+	b, dbURL, s, user := startWithBrokerFaults(t)
 	b.gate.setDown(true)
 
 	var ids []string
@@ -312,9 +328,7 @@ func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
 	returned := time.Now()
 	recs := readPayOrders(t, b, ids, 15*time.Second)
 	t.Logf("all 50 events on pay-order %s after the broker returned (%d records)", time.Since(returned).Round(time.Millisecond), len(recs))
-	waitFor(t, 10*time.Second, "outbox drained", func() bool {
-		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
-	})
+	waitDrained(t, dbURL)
 	waitFor(t, 10*time.Second, "/readyz 200 after the broker returned", func() bool {
 		return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK
 	})
@@ -323,13 +337,7 @@ func TestBrokerOutageOrdersAreKeptAndPublishedOnReturn(t *testing.T) {
 // A broker that accepts produce requests and never answers must not hold the
 // relay's row locks for longer than RELAY_PRODUCE_TIMEOUT.
 func TestStalledBrokerDoesNotHoldOutboxLocks(t *testing.T) {
-	b := newBroker(t, true)
-	dbURL := newSchema(t)
-	env := serviceEnv(dbURL, b)
-	env["RELAY_PRODUCE_TIMEOUT"] = "1s"
-	s := startService(t, env)
-	user := newUser()
-	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 10*time.Second)
+	b, dbURL, s, user := startWithBrokerFaults(t)
 
 	var stalled atomic.Bool
 	stalled.Store(true)
@@ -359,9 +367,7 @@ func TestStalledBrokerDoesNotHoldOutboxLocks(t *testing.T) {
 
 	stalled.Store(false)
 	readPayOrders(t, b, []string{o.ID}, 20*time.Second)
-	waitFor(t, 10*time.Second, "outbox drained", func() bool {
-		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
-	})
+	waitDrained(t, dbURL)
 }
 
 // 3. Database outage.
