@@ -9,6 +9,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"sync"
 	"time"
@@ -43,14 +44,12 @@ func (w *orderWriter) create(ctx context.Context, in newOrder) (createResult, er
 	case <-ctx.Done():
 		return createResult{}, ctx.Err()
 	}
-	select {
-	case res := <-req.done:
-		return res, res.Err
-	case <-ctx.Done():
-		// The batch may still commit this order; a retry with the same
-		// Idempotency-Key finds it.
-		return createResult{}, ctx.Err()
-	}
+	// A worker holds the request now and answers it, even past ctx's
+	// deadline when it must settle a COMMIT whose answer was lost: an
+	// order answered 503 must not exist, or a client retrying without an
+	// Idempotency-Key would pay twice.
+	res := <-req.done
+	return res, res.Err
 }
 
 // run starts workers that each write one batch at a time, until ctx ends.
@@ -114,8 +113,16 @@ func (w *orderWriter) write(batch []*createRequest) {
 	ctx, cancel := context.WithDeadline(context.Background(), deadline)
 	defer cancel()
 	results, err := createOrders(ctx, w.db, w.topic, in)
+	var unknown *commitUnknownError
+	if errors.As(err, &unknown) {
+		w.metrics.commitsUnanswered.Add(1)
+		err = w.settle(unknown)
+		if err == nil {
+			results, err = unknown.results, nil
+		}
+	}
 	var pgErr *pgconn.PgError
-	if err != nil && len(live) > 1 && errors.As(err, &pgErr) && !dbUnavailable(err) {
+	if err != nil && len(live) > 1 && errors.As(err, &pgErr) && !dbTransient(err) {
 		// A statement failed for the whole batch; it may be one row's
 		// fault. Each request gets its own transaction, and its own error.
 		for _, r := range live {
@@ -138,4 +145,36 @@ func deref(s *string) string {
 		return ""
 	}
 	return *s
+}
+
+// errCommitOutcomeUnknown: a COMMIT went unanswered and the database could not
+// be asked in time whether it happened.
+var errCommitOutcomeUnknown = errors.New("the outcome of the commit is unknown")
+
+// settleTimeout bounds how long a request waits, past its own deadline, to
+// learn what became of a COMMIT whose answer was lost.
+const settleTimeout = 3 * time.Second
+
+// settle asks the database, on another connection, what became of the
+// transaction: nil if it committed, a transient error if it did not (nothing
+// was written: a retry is safe), errCommitOutcomeUnknown if no answer came.
+func (w *orderWriter) settle(u *commitUnknownError) error {
+	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
+	defer cancel()
+	for failures := 1; ; failures++ {
+		status, err := xactStatus(ctx, w.db, u.xid)
+		switch {
+		case status == "committed":
+			return nil
+		case status == "aborted":
+			return fmt.Errorf("transaction %s rolled back: %w", u.xid, u.err)
+		case err == nil: // in progress: the server is still committing
+			sleep(ctx, 20*time.Millisecond)
+		default:
+			sleep(ctx, backoff(failures))
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("%w (transaction %s): %w", errCommitOutcomeUnknown, u.xid, u.err)
+		}
+	}
 }

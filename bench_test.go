@@ -287,7 +287,8 @@ func seedOutbox(b *testing.B, dbURL, topic string) {
 			FROM e`, topic); err != nil {
 			return err
 		}
-		return notifyOutbox(context.Background(), tx)
+		_, err := notifyOutbox(context.Background(), tx)
+		return err
 	})
 	if err != nil {
 		b.Fatal(err)

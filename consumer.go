@@ -10,12 +10,15 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"slices"
 	"strconv"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -30,22 +33,47 @@ type paymentResult struct {
 // errPoison marks a record that no retry can apply.
 var errPoison = errors.New("poison record")
 
+// maxReason is how many characters of a FAILED result's reason are kept,
+// like an order's description.
+const maxReason = 1000
+
+// decodePaymentResult validates a payment-results value. The reason is free
+// text for people, so it is cleaned rather than refused: a NUL (which
+// PostgreSQL text cannot hold) becomes U+FFFD, as invalid UTF-8 already does
+// in encoding/json, and it is cut to maxReason characters. The status change
+// is what matters, and it is not lost for the sake of its comment.
 func decodePaymentResult(b []byte) (paymentResult, error) {
 	var p paymentResult
 	if err := json.Unmarshal(b, &p); err != nil {
-		return p, fmt.Errorf("%w: malformed JSON: %v", errPoison, err)
+		return p, fmt.Errorf("%w: malformed JSON: %s", errPoison, clip(err.Error(), 200))
 	}
 	p.OrderID = strings.ToLower(p.OrderID)
 	if !isUUID(p.OrderID) {
-		return p, fmt.Errorf("%w: order_id %q is not a UUID", errPoison, p.OrderID)
+		return p, fmt.Errorf("%w: order_id %q is not a UUID", errPoison, clip(p.OrderID, 64))
 	}
 	if p.Status != "PAID" && p.Status != "FAILED" {
-		return p, fmt.Errorf("%w: unknown status %q", errPoison, p.Status)
+		return p, fmt.Errorf("%w: unknown status %q", errPoison, clip(p.Status, 64))
 	}
 	if p.Status == "PAID" {
 		p.Reason = nil
 	}
+	if p.Reason != nil {
+		r := strings.ReplaceAll(*p.Reason, "\x00", "\uFFFD")
+		if utf8.RuneCountInString(r) > maxReason {
+			r = string([]rune(r)[:maxReason])
+		}
+		p.Reason = &r
+	}
 	return p, nil
+}
+
+// clip cuts s to at most n bytes of valid UTF-8, so that an error quoting an
+// outside value stays small whatever the value's size.
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
 type consumer struct {
@@ -72,7 +100,11 @@ func newConsumerClient(brokers []string, group, topic string, log *slog.Logger, 
 		// crosses a rebalance; run calls AllowRebalance after each poll.
 		kgo.BlockRebalanceOnPoll(),
 		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, _ map[string][]int32) {
-			// The new owner starts from what we commit here.
+			// The new owner starts from what we commit here. Bounded: a
+			// group that is rebalancing again may never answer, and
+			// leaving the group (shutdown) waits for this callback.
+			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
 			if err := cl.CommitMarkedOffsets(ctx); err != nil {
 				log.WarnContext(ctx, "consumer: commit on revoke failed", "err", err)
 			}
@@ -83,10 +115,11 @@ func newConsumerClient(brokers []string, group, topic string, log *slog.Logger, 
 	return kgo.NewClient(append(opts, extra...)...)
 }
 
-// run consumes until ctx is cancelled, then commits what it applied.
-func (c *consumer) run(ctx context.Context) {
+// run consumes until ctx is cancelled, then commits what it applied, unless
+// abort ends first: what it did not commit is redelivered, and changes nothing.
+func (c *consumer) run(ctx, abort context.Context) {
 	defer func() {
-		cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		cctx, cancel := context.WithTimeout(abort, 5*time.Second)
 		defer cancel()
 		if err := c.group.CommitMarkedOffsets(cctx); err != nil {
 			c.log.WarnContext(ctx, "consumer: final commit failed", "err", err)
@@ -121,83 +154,42 @@ func (c *consumer) run(ctx context.Context) {
 	}
 }
 
-// processPoll applies the records of one poll: all valid results in one
-// transaction, then the ones that can never apply to the DLQ. Each step is
-// retried while it fails transiently (database down, DLQ unwritable), until
-// it succeeds or ctx ends: skipping would lose records.
+// processPoll applies the records of one poll, then sends the ones that can
+// never apply to the DLQ. Transient failures (database down, DLQ unwritable)
+// are retried until they succeed or ctx ends: skipping would lose records.
+// Only shutdown makes it return an error.
 func (c *consumer) processPoll(ctx context.Context, recs []*kgo.Record) error {
-	type dead struct {
-		rec   *kgo.Record
-		cause error
-	}
-	type item struct {
-		rec *kgo.Record
-		res paymentResult
-	}
 	var poison []dead
-	var batch []item // the first result per order in this poll
-	var later []item // further results for an order already in batch
-	seen := map[string]bool{}
+	var pending []item
 	for _, rec := range recs {
 		res, err := decodePaymentResult(rec.Value)
-		switch {
-		case err != nil:
+		if err != nil {
 			poison = append(poison, dead{rec, err})
-		case seen[res.OrderID]:
-			later = append(later, item{rec, res})
-		default:
-			seen[res.OrderID] = true
-			batch = append(batch, item{rec, res})
+			continue
 		}
+		pending = append(pending, item{rec, res})
 	}
-
-	results := make([]paymentResult, len(batch))
-	for i, it := range batch {
-		results[i] = it.res
-	}
-	var applied map[string]bool
-	if err := c.retry(ctx, "apply payment results", func(ctx context.Context) (err error) {
-		applied, err = applyPaymentResults(ctx, c.db, results)
-		return err
-	}); err != nil {
-		return err
-	}
-	var notApplied []item
-	for _, it := range batch {
-		if applied[it.res.OrderID] {
-			c.metrics.resultsApplied(it.res.Status)
-			c.log.InfoContext(ctx, "order status changed", "order_id", it.res.OrderID, "status", it.res.Status)
-		} else {
-			notApplied = append(notApplied, it)
-		}
-	}
-	notApplied = append(notApplied, later...)
-	if len(notApplied) > 0 {
-		ids := make([]string, len(notApplied))
-		for i, it := range notApplied {
-			ids[i] = it.res.OrderID
-		}
-		var current map[string]string
-		if err := c.retry(ctx, "read order statuses", func(ctx context.Context) (err error) {
-			current, err = orderStatuses(ctx, c.db, ids)
-			return err
-		}); err != nil {
-			return err
-		}
-		for _, it := range notApplied {
-			status, known := current[it.res.OrderID]
-			switch {
-			case !known:
-				poison = append(poison, dead{it.rec, fmt.Errorf("%w: unknown order %s", errPoison, it.res.OrderID)})
-			case status == it.res.Status:
-				c.metrics.resultsIgnored.Add(1)
-				c.log.InfoContext(ctx, "duplicate payment result ignored", "order_id", it.res.OrderID, "status", status)
-			default:
-				c.metrics.resultsIgnored.Add(1)
-				c.log.WarnContext(ctx, "conflicting payment result ignored", "order_id", it.res.OrderID,
-					"status", status, "result", it.res.Status)
+	// Each round applies at most one result per order, in log order
+	// (UPDATE ... FROM would apply an arbitrary one of two), so a later
+	// result for an order meets the state the earlier one left. A poll
+	// without repeats is one round.
+	for len(pending) > 0 {
+		var round, later []item
+		seen := map[string]bool{}
+		for _, it := range pending {
+			if seen[it.res.OrderID] {
+				later = append(later, it)
+				continue
 			}
+			seen[it.res.OrderID] = true
+			round = append(round, it)
 		}
+		rejected, err := c.applyRound(ctx, round)
+		if err != nil {
+			return err
+		}
+		poison = append(poison, rejected...)
+		pending = later
 	}
 
 	// Poison in log order, so the DLQ keeps each partition's order.
@@ -212,38 +204,181 @@ func (c *consumer) processPoll(ctx context.Context, recs []*kgo.Record) error {
 	return nil
 }
 
-// retry runs step until it succeeds or ctx ends, with capped backoff.
+type dead struct {
+	rec   *kgo.Record
+	cause error
+}
+
+type item struct {
+	rec *kgo.Record
+	res paymentResult
+}
+
+// applyRound applies results for distinct orders and accounts for each: applied,
+// ignored (a duplicate or a conflict), or returned to go to the DLQ (an
+// unknown order, or values the database refuses).
+func (c *consumer) applyRound(ctx context.Context, round []item) ([]dead, error) {
+	applied, rejected, err := c.apply(ctx, round)
+	if err != nil {
+		return nil, err
+	}
+	isRejected := map[*kgo.Record]bool{}
+	for _, d := range rejected {
+		isRejected[d.rec] = true
+	}
+	var notApplied []item
+	for _, it := range round {
+		switch {
+		case isRejected[it.rec]:
+		case applied[it.res.OrderID]:
+			c.metrics.resultsApplied(it.res.Status)
+			c.log.InfoContext(ctx, "order status changed", "order_id", it.res.OrderID, "status", it.res.Status)
+		default:
+			notApplied = append(notApplied, it)
+		}
+	}
+	if len(notApplied) == 0 {
+		return rejected, nil
+	}
+	ids := make([]string, len(notApplied))
+	for i, it := range notApplied {
+		ids[i] = it.res.OrderID
+	}
+	var current map[string]string
+	if err := c.retry(ctx, "read order statuses", func(ctx context.Context) (err error) {
+		current, err = orderStatuses(ctx, c.db, ids)
+		return err
+	}); err != nil {
+		return nil, err
+	}
+	for _, it := range notApplied {
+		status, known := current[it.res.OrderID]
+		switch {
+		case !known:
+			rejected = append(rejected, dead{it.rec, fmt.Errorf("%w: unknown order %s", errPoison, it.res.OrderID)})
+		case status == it.res.Status:
+			c.metrics.resultsIgnored.Add(1)
+			c.log.InfoContext(ctx, "duplicate payment result ignored", "order_id", it.res.OrderID, "status", status)
+		default:
+			c.metrics.resultsIgnored.Add(1)
+			c.log.WarnContext(ctx, "conflicting payment result ignored", "order_id", it.res.OrderID,
+				"status", status, "result", it.res.Status)
+		}
+	}
+	return rejected, nil
+}
+
+// apply writes items in one transaction, retrying transient failures. A
+// permanent one (values the database refuses: SQLSTATE class 22 or 23) is
+// the fault of one record or a few: the items are split in halves until
+// each such record stands alone, to go to the DLQ, and the rest are applied.
+func (c *consumer) apply(ctx context.Context, items []item) (map[string]bool, []dead, error) {
+	results := make([]paymentResult, len(items))
+	for i, it := range items {
+		results[i] = it.res
+	}
+	var applied map[string]bool
+	err := c.retry(ctx, "apply payment results", func(ctx context.Context) (err error) {
+		applied, err = applyPaymentResults(ctx, c.db, results)
+		if dbPermanent(err) {
+			err = fmt.Errorf("%w: the database refused it: %w", errPoison, err)
+		}
+		return err
+	})
+	switch {
+	case err == nil:
+		return applied, nil, nil
+	case !errors.Is(err, errPoison):
+		return nil, nil, err
+	case len(items) == 1:
+		return nil, []dead{{items[0].rec, err}}, nil
+	}
+	half := len(items) / 2
+	applied, rejected, err := c.apply(ctx, items[:half])
+	if err != nil {
+		return nil, nil, err
+	}
+	applied2, rejected2, err := c.apply(ctx, items[half:])
+	if err != nil {
+		return nil, nil, err
+	}
+	if applied == nil {
+		applied = map[string]bool{}
+	}
+	maps.Copy(applied, applied2)
+	return applied, append(rejected, rejected2...), nil
+}
+
+// retry runs step until it succeeds, fails permanently (errPoison) or ctx
+// ends, with capped backoff.
 func (c *consumer) retry(ctx context.Context, what string, step func(context.Context) error) error {
 	for failures := 1; ; failures++ {
 		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		err := step(sctx)
 		cancel()
-		if err == nil {
-			return nil
+		if err == nil || errors.Is(err, errPoison) {
+			return err
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
 		d := backoff(failures)
-		c.log.WarnContext(ctx, "consumer: "+what+" failed, retrying", "err", err, "retry_in", d)
+		level := slog.LevelWarn
+		if !dbTransient(err) && !kafkaTransient(err) {
+			level = slog.LevelError // neither the database's nor the broker's weather: a bug
+		}
+		c.log.Log(ctx, level, "consumer: "+what+" failed, retrying", "err", err, "retry_in", d)
 		sleep(ctx, d)
 	}
 }
 
+// The DLQ copy is bounded: its error header is cut to maxErrorHeader bytes,
+// and a copy the broker refuses as too large is replaced by its beginning
+// (truncatedBytes of key and value, original headers dropped) with a
+// "truncated" header saying so. A record is never dropped silently.
+const (
+	maxErrorHeader = 1 << 10
+	truncatedBytes = 16 << 10
+)
+
 // deadLetter copies the record to the DLQ with why and where it came from.
 // The produce is synchronous: the record is marked only once the copy is safe.
 func (c *consumer) deadLetter(ctx context.Context, rec *kgo.Record, cause error) error {
-	headers := append([]kgo.RecordHeader{
-		{Key: "error", Value: []byte(cause.Error())},
+	origin := []kgo.RecordHeader{
+		{Key: "error", Value: []byte(clip(cause.Error(), maxErrorHeader))},
 		{Key: "original-topic", Value: []byte(rec.Topic)},
 		{Key: "original-partition", Value: []byte(strconv.Itoa(int(rec.Partition)))},
 		{Key: "original-offset", Value: []byte(strconv.FormatInt(rec.Offset, 10))},
-	}, rec.Headers...)
-	dlq := &kgo.Record{Topic: c.dlqTopic, Key: rec.Key, Value: rec.Value, Headers: headers}
-	if err := c.producer.ProduceSync(ctx, dlq).FirstErr(); err != nil {
+	}
+	dlq := &kgo.Record{Topic: c.dlqTopic, Key: rec.Key, Value: rec.Value, Headers: append(origin, rec.Headers...)}
+	err := c.producer.ProduceSync(ctx, dlq).FirstErr()
+	truncated := false
+	if refusedAsTooLarge(err) {
+		note := fmt.Sprintf("key: first %d of %d bytes; value: first %d of %d bytes; %d original headers dropped",
+			min(len(rec.Key), truncatedBytes), len(rec.Key), min(len(rec.Value), truncatedBytes), len(rec.Value), len(rec.Headers))
+		dlq = &kgo.Record{Topic: c.dlqTopic, Key: rec.Key[:min(len(rec.Key), truncatedBytes)],
+			Value: rec.Value[:min(len(rec.Value), truncatedBytes)], Headers: append(origin, kgo.RecordHeader{Key: "truncated", Value: []byte(note)})}
+		err = c.producer.ProduceSync(ctx, dlq).FirstErr()
+		truncated = true
+	}
+	if err != nil {
 		return fmt.Errorf("dead-letter offset %d: %w", rec.Offset, err)
 	}
 	c.metrics.resultsDeadLettered.Add(1)
-	c.log.WarnContext(ctx, "payment result sent to DLQ", "partition", rec.Partition, "offset", rec.Offset, "err", cause)
+	c.log.WarnContext(ctx, "payment result sent to DLQ", "partition", rec.Partition, "offset", rec.Offset,
+		"truncated", truncated, "err", clip(cause.Error(), maxErrorHeader))
 	return nil
+}
+
+// refusedAsTooLarge: the broker (or the client, before sending) will never
+// take this record as it is.
+func refusedAsTooLarge(err error) bool {
+	return errors.Is(err, kerr.MessageTooLarge) || errors.Is(err, kerr.RecordListTooLarge)
+}
+
+// kafkaTransient: a broker error that retrying may cure.
+func kafkaTransient(err error) bool {
+	var ke *kerr.Error
+	return errors.As(err, &ke) && ke.Retriable || errors.Is(err, context.DeadlineExceeded) ||
+		errors.Is(err, kgo.ErrClientClosed) || errors.Is(err, kerr.UnknownTopicOrPartition)
 }

@@ -6,6 +6,8 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -43,7 +45,9 @@ type child struct {
 func startChild(t testing.TB, env map[string]string) *child {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"=1")
+	// The race detector sleeps a second at exit unless told not to; the
+	// shutdown tests time the exit.
+	cmd.Env = append(os.Environ(), childEnv+"=1", "GORACE=atexit_sleep_ms=0")
 	for k, v := range env {
 		cmd.Env = append(cmd.Env, k+"="+v)
 	}
@@ -137,6 +141,8 @@ func TestCrashUnderLoadLosesNoEvent(t *testing.T) {
 	const total = 500
 	user := newUser()
 	var created, refused atomic.Int32
+	var ackedMu sync.Mutex
+	var acked []string // ids answered 201
 	var wg sync.WaitGroup
 	client := &http.Client{Timeout: 10 * time.Second}
 	for range 8 {
@@ -150,24 +156,45 @@ func TestCrashUnderLoadLosesNoEvent(t *testing.T) {
 					time.Sleep(20 * time.Millisecond)
 					continue
 				}
-				io.Copy(io.Discard, resp.Body)
+				body, _ := io.ReadAll(resp.Body)
 				resp.Body.Close()
 				if resp.StatusCode == http.StatusCreated {
+					var o Order
+					if err := json.Unmarshal(body, &o); err != nil {
+						t.Errorf("201 body %s: %v", body, err)
+					}
+					ackedMu.Lock()
+					acked = append(acked, o.ID)
+					ackedMu.Unlock()
 					created.Add(1)
 				}
 			}
 		})
 	}
 	waitFor(t, 60*time.Second, "half the orders created", func() bool { return created.Load() >= total/2 })
+	// The kill lands while the relay holds claimed rows: its produce is
+	// stalled, so nothing it claimed can have been marked published.
+	release := swallow(b, kmsg.Produce)
+	waitLocked(t, dbURL)
 	c.kill(t)
-	t.Logf("SIGKILL after %d orders created", created.Load())
+	release()
+	t.Logf("SIGKILL after %d orders created, with the relay holding claimed rows", created.Load())
 	c2 := startChild(t, env)
 	c2.waitReady(t)
 	wg.Wait()
 
 	ids := orderIDs(t, dbURL)
-	if len(ids) < total {
-		t.Fatalf("%d order rows, want at least %d", len(ids), total)
+	stored := map[string]bool{}
+	for _, id := range ids {
+		stored[id] = true
+	}
+	for _, id := range acked {
+		if !stored[id] {
+			t.Errorf("order %s was answered 201 but is not stored", id)
+		}
+	}
+	if len(acked) < total {
+		t.Fatalf("%d orders acknowledged, want at least %d", len(acked), total)
 	}
 	recs := readPayOrders(t, b, ids, 60*time.Second)
 	perEvent := map[string]int{}
@@ -183,8 +210,13 @@ func TestCrashUnderLoadLosesNoEvent(t *testing.T) {
 	for _, n := range perEvent {
 		dups += n - 1
 	}
-	t.Logf("crash under load: %d orders (%d requests refused while down), %d pay-order records, %d duplicates (same event_id)",
-		len(ids), refused.Load(), len(recs), dups)
+	t.Logf("crash under load: %d orders stored, %d acknowledged (%d requests refused while down), %d pay-order records, %d duplicates (same event_id)",
+		len(ids), len(acked), refused.Load(), len(recs), dups)
+	for _, id := range acked {
+		if eventOf[id] == "" {
+			t.Errorf("acknowledged order %s never announced", id)
+		}
+	}
 	if len(eventOf) != len(ids) {
 		t.Errorf("%d of %d orders announced", len(eventOf), len(ids))
 	}
@@ -376,6 +408,7 @@ func TestStalledBrokerDoesNotHoldOutboxLocks(t *testing.T) {
 // connection and then accepts new ones without ever answering: the worst
 // case, where only timeouts can save the caller.
 type tcpProxy struct {
+	pipeFn func(net.Conn) // how a connection is forwarded; nil: pipe
 	ln     net.Listener
 	target func() (net.Conn, error)
 	mu     sync.Mutex
@@ -417,12 +450,15 @@ func (p *tcpProxy) serve() {
 		}
 		p.mu.Lock()
 		p.conns[c] = true
-		down := p.down
+		down, pipe := p.down, p.pipeFn
 		p.mu.Unlock()
 		if down {
 			continue // held open, never answered
 		}
-		go p.pipe(c)
+		if pipe == nil {
+			pipe = p.pipe
+		}
+		go pipe(c)
 	}
 }
 
@@ -604,7 +640,8 @@ func TestTwoReplicasPublishAllOnceAndApplyResultsOnce(t *testing.T) {
 		t.Errorf("the relays published %v events together, want %d", published, total)
 	}
 
-	// Results for every order, spread over the partitions by key.
+	// Results for every order, each sent twice, spread over the
+	// partitions by key: each is applied once, its duplicate ignored.
 	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
 	if err != nil {
 		t.Fatal(err)
@@ -612,8 +649,10 @@ func TestTwoReplicasPublishAllOnceAndApplyResultsOnce(t *testing.T) {
 	defer cl.Close()
 	var results []*kgo.Record
 	for _, id := range ids {
-		results = append(results, &kgo.Record{Topic: b.topic(topicPaymentResults), Key: []byte(id),
-			Value: []byte(`{"order_id": "` + id + `", "status": "PAID"}`)})
+		for range 2 {
+			results = append(results, &kgo.Record{Topic: b.topic(topicPaymentResults), Key: []byte(id),
+				Value: []byte(`{"order_id": "` + id + `", "status": "PAID"}`)})
+		}
 	}
 	partitions := map[int32]bool{}
 	for _, r := range cl.ProduceSync(context.Background(), results...) {
@@ -630,12 +669,16 @@ func TestTwoReplicasPublishAllOnceAndApplyResultsOnce(t *testing.T) {
 	})
 	waitCommitted(t, b)
 	var applied, ignored float64
-	for _, s := range replicas {
-		applied += metric(t, s.url, `payment_results_applied_total{status="PAID"}`)
+	for i, s := range replicas {
+		a := metric(t, s.url, `payment_results_applied_total{status="PAID"}`)
+		if a == 0 {
+			t.Errorf("replica %d applied no result: the test needs both consuming", i)
+		}
+		applied += a
 		ignored += metric(t, s.url, "payment_results_ignored_total")
 	}
-	if applied != total || ignored != 0 {
-		t.Errorf("replicas applied %v and ignored %v results; want %d and 0", applied, ignored, total)
+	if applied != total || ignored != total {
+		t.Errorf("replicas applied %v and ignored %v results; want %d and %d (each sent twice)", applied, ignored, total, total)
 	}
 }
 
@@ -777,6 +820,31 @@ func TestHostileHTTP(t *testing.T) {
 		}
 		if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE user_id = $1 AND description = $2`, user, desc); n != 1 {
 			t.Errorf("stored row does not match byte for byte")
+		}
+	})
+
+	t.Run("a forged cursor is 400, wherever its time lies", func(t *testing.T) {
+		for _, us := range []int64{1<<63 - 1, -1 << 63, 253402300800000000 /* year 10000 */, -62135596800000001 /* before year 1 */} {
+			cursor := base64.RawURLEncoding.EncodeToString([]byte(fmt.Sprintf("%d.%s", us, newUUID())))
+			r := do(t, "GET", s.url+"/orders?cursor="+cursor, "", "X-User-Id", "u")
+			if r.status != http.StatusBadRequest || r.header.Get("Content-Type") != "application/problem+json" {
+				t.Errorf("cursor at %dµs: %d %s", us, r.status, r.body)
+			}
+		}
+	})
+
+	t.Run("unknown routes and wrong methods are problem+json", func(t *testing.T) {
+		r := do(t, "GET", s.url+"/nowhere", "", "X-User-Id", "u")
+		var p problem
+		r.json(t, &p)
+		if r.status != http.StatusNotFound || r.header.Get("Content-Type") != "application/problem+json" || p.Status != 404 || p.Detail == "" {
+			t.Errorf("unknown route: %d %s %s", r.status, r.header.Get("Content-Type"), r.body)
+		}
+		r = do(t, "DELETE", s.url+"/orders", "", "X-User-Id", "u")
+		r.json(t, &p)
+		if r.status != http.StatusMethodNotAllowed || r.header.Get("Content-Type") != "application/problem+json" ||
+			p.Status != 405 || !strings.Contains(r.header.Get("Allow"), "POST") || !strings.Contains(p.Detail, "GET") {
+			t.Errorf("wrong method: %d %v %s", r.status, r.header, r.body)
 		}
 	})
 

@@ -70,12 +70,17 @@ func (n *notifier) signal(channel, payload string) {
 
 // run keeps the LISTEN connection up until ctx ends, reconnecting with
 // backoff. Notifications sent while it was down are lost, so every
-// (re)connect wakes every subscriber to re-read.
+// (re)connect wakes every subscriber to re-read. The backoff counts failures
+// in a row: a connection that was up starts the count again, so drops spread
+// over a process's life each reconnect at once.
 func (n *notifier) run(ctx context.Context) {
 	for failures := 1; ctx.Err() == nil; failures++ {
-		err := n.listen(ctx)
+		listened, err := n.listen(ctx)
 		if ctx.Err() != nil {
 			return
+		}
+		if listened {
+			failures = 1
 		}
 		d := backoff(failures)
 		n.log.WarnContext(ctx, "listen connection lost, reconnecting", "err", err, "retry_in", d)
@@ -83,19 +88,27 @@ func (n *notifier) run(ctx context.Context) {
 	}
 }
 
-func (n *notifier) listen(ctx context.Context) error {
+// listenApplicationName names the LISTEN connection in pg_stat_activity.
+const listenApplicationName = "order-service listen"
+
+// listen holds one LISTEN connection until it fails; listened says whether
+// it got as far as listening.
+func (n *notifier) listen(ctx context.Context) (listened bool, err error) {
 	pc, err := n.db.Acquire(ctx)
 	if err != nil {
-		return fmt.Errorf("acquire listen connection: %w", err)
+		return false, fmt.Errorf("acquire listen connection: %w", err)
 	}
 	// Hijacked, the connection is ours: the pool will neither hand it to
 	// a request nor close it as idle.
 	conn := pc.Hijack()
 	defer conn.Close(context.WithoutCancel(ctx))
 
+	if _, err := conn.Exec(ctx, "SET application_name = '"+listenApplicationName+"'"); err != nil {
+		return false, fmt.Errorf("name listen connection: %w", err)
+	}
 	for _, ch := range n.channels {
 		if _, err := conn.Exec(ctx, "LISTEN "+pgx.Identifier{ch}.Sanitize()); err != nil {
-			return fmt.Errorf("listen %s: %w", ch, err)
+			return false, fmt.Errorf("listen %s: %w", ch, err)
 		}
 	}
 	n.signal("", "")
@@ -107,7 +120,7 @@ func (n *notifier) listen(ctx context.Context) error {
 		case err == nil:
 			n.signal(msg.Channel, msg.Payload)
 		case ctx.Err() != nil:
-			return ctx.Err()
+			return true, ctx.Err()
 		case errors.Is(err, context.DeadlineExceeded):
 			// Quiet for a while: make sure the connection still lives,
 			// since a dead one would wait forever.
@@ -115,10 +128,10 @@ func (n *notifier) listen(ctx context.Context) error {
 			err = conn.Ping(pctx)
 			cancel()
 			if err != nil {
-				return fmt.Errorf("ping listen connection: %w", err)
+				return true, fmt.Errorf("ping listen connection: %w", err)
 			}
 		default:
-			return fmt.Errorf("wait for notification: %w", err)
+			return true, fmt.Errorf("wait for notification: %w", err)
 		}
 	}
 }

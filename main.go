@@ -185,11 +185,14 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 	log := slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
 
+	// stopBy is when shutdown must be over: zero until it begins. The
+	// deferred closes wait for nothing past it (closeBefore).
+	var stopBy time.Time
 	db, err := connectDB(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
-	defer db.Close()
+	defer closeBefore(&stopBy, db.Close)
 	if err := applySchema(ctx, db); err != nil {
 		return err
 	}
@@ -200,7 +203,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		if err != nil {
 			return fmt.Errorf("%w (is another order-service running? set EMBEDDED_KAFKA_ADDR or KAFKA_BROKERS)", err)
 		}
-		defer kf.Close()
+		defer closeBefore(&stopBy, kf.Close)
 		brokers = kf.ListenAddrs()
 		log.Info("embedded kafka started", "addr", brokers[0], "data_dir", cfg.EmbeddedKafkaDir)
 	}
@@ -217,7 +220,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	if err != nil {
 		return fmt.Errorf("kafka producer: %w", err)
 	}
-	defer producer.Close()
+	defer closeBefore(&stopBy, producer.Close)
 	// A member that crashed holds its partitions until this timeout; a
 	// restarted replica waits that long for them.
 	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log,
@@ -247,6 +250,10 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	// Workers outlive ctx: they are stopped in order during shutdown.
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()
+	// abortCtx ends when shutdown's budget is nearly spent: work still in
+	// flight then is abandoned, which is safe to redo (see shutdown below).
+	abortCtx, abort := context.WithCancel(context.WithoutCancel(ctx))
+	defer abort()
 	var wg sync.WaitGroup
 	wg.Go(func() {
 		ensureTopics(workCtx, producer, log, cfg.TopicPartitions,
@@ -262,9 +269,9 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
 		pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout,
 		retention: cfg.OutboxRetention, purgeInterval: cfg.PurgeInterval}
-	wg.Go(func() { r.run(workCtx) })
+	wg.Go(func() { r.run(workCtx, abortCtx) })
 	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m}
-	wg.Go(func() { c.run(workCtx) })
+	wg.Go(func() { c.run(workCtx, abortCtx) })
 	if cfg.DemoPayments {
 		log.Info("demo payments on: orders up to the limit are PAID, larger ones FAILED", "limit", demoPaymentLimit)
 		wg.Go(func() {
@@ -301,24 +308,61 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 
 	// Shutdown order: stop taking requests and finish those in flight;
 	// let the relay finish its batch and the consumer commit what it
-	// applied; leave the group; flush the producer.
+	// applied; leave the group; flush the producer. All of it within
+	// SHUTDOWN_TIMEOUT, whatever the broker or the group do: the last fifth
+	// of the budget (at most 2s) is kept for leaving the group, and work
+	// still in flight when it begins is abandoned. That is safe to redo:
+	// unpublished rows stay in the outbox, uncommitted results are
+	// redelivered and change nothing.
 	log.Info("shutting down")
-	sctx, cancel := context.WithTimeout(context.Background(), cfg.ShutdownTimeout)
+	stopBy = time.Now().Add(cfg.ShutdownTimeout)
+	sctx, cancel := context.WithDeadline(context.Background(), stopBy)
 	defer cancel()
+	keep := min(cfg.ShutdownTimeout/5, 2*time.Second)
+	defer time.AfterFunc(cfg.ShutdownTimeout-keep, abort).Stop()
 	if serr := srv.Shutdown(sctx); serr != nil {
 		log.Warn("http shutdown", "err", serr)
 	}
 	stopWork()
-	wg.Wait() // the relay's last batch is marked, the consumer's last poll committed
-	if lerr := group.LeaveGroupContext(sctx); lerr != nil {
-		log.Warn("leave consumer group", "err", lerr)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		wg.Wait() // the relay's last batch is marked, the consumer's last poll committed
+		if lerr := group.LeaveGroupContext(sctx); lerr != nil {
+			log.Warn("leave consumer group", "err", lerr)
+		}
+		group.CloseAllowingRebalance()
+		if ferr := producer.Flush(sctx); ferr != nil {
+			log.Warn("flush producer", "err", ferr)
+		}
+	}()
+	select {
+	case <-done:
+		log.Info("stopped")
+	case <-sctx.Done():
+		log.Error("shutdown budget spent, stopping anyway: unpublished events stay in the outbox, "+
+			"uncommitted payment results will be redelivered", "budget", cfg.ShutdownTimeout)
 	}
-	group.CloseAllowingRebalance()
-	if ferr := producer.Flush(sctx); ferr != nil {
-		log.Warn("flush producer", "err", ferr)
-	}
-	log.Info("stopped")
 	return err
+}
+
+// closeBefore runs f, a deferred close, but waits for it no later than
+// *deadline once that is set: shutdown ends within its budget even when a
+// close hangs (a pool waiting for a connection an abandoned worker holds).
+func closeBefore(deadline *time.Time, f func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		f()
+	}()
+	if deadline.IsZero() {
+		<-done
+		return
+	}
+	select {
+	case <-done:
+	case <-time.After(time.Until(*deadline)):
+	}
 }
 
 // connectDB retries for STARTUP_TIMEOUT, so the service may start before its
@@ -332,6 +376,7 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 		// Requests must fail fast while the database is down, not hang.
 		pcfg.ConnConfig.ConnectTimeout = 3 * time.Second
 	}
+	pcfg.ConnConfig.OnPgError = closeReadOnly
 	if !strings.Contains(cfg.DatabaseURL, "pool_max_conns") {
 		// pgxpool's default is max(4, CPUs): too few for the order
 		// writers, the relay, the consumer and reads at once.
@@ -394,7 +439,46 @@ func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *not
 	m *metrics, stopStreams <-chan struct{}) http.Handler {
 	mux := http.NewServeMux()
 	addRoutes(mux, log, db, kafka, notes, orders, m, stopStreams)
-	return m.instrument(recoverPanics(log, mux))
+	return m.instrument(recoverPanics(log, routeProblems(mux)))
+}
+
+// routeProblems answers the mux's own 404 (no route) and 405 (wrong method,
+// with its Allow header) as problem+json, like every other error.
+func routeProblems(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern == "" {
+			w = &problemWriter{ResponseWriter: w, r: r}
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// problemWriter replaces the mux's text/plain error body with a problem.
+type problemWriter struct {
+	http.ResponseWriter
+	r       *http.Request
+	problem bool
+}
+
+func (w *problemWriter) WriteHeader(code int) {
+	if code < 400 {
+		w.ResponseWriter.WriteHeader(code)
+		return
+	}
+	w.problem = true
+	detail := fmt.Sprintf("no route for %s %s", w.r.Method, w.r.URL.Path)
+	if code == http.StatusMethodNotAllowed {
+		detail = fmt.Sprintf("%s is not allowed on %s; allowed: %s", w.r.Method, w.r.URL.Path, w.Header().Get("Allow"))
+	}
+	w.Header().Del("Content-Length")
+	writeProblem(w.ResponseWriter, code, detail)
+}
+
+func (w *problemWriter) Write(b []byte) (int, error) {
+	if w.problem {
+		return len(b), nil // the mux's text body, replaced
+	}
+	return w.ResponseWriter.Write(b)
 }
 
 // router is what addRoutes needs of a mux; the tests pass one that records
@@ -645,7 +729,8 @@ func handleHealthz() http.Handler {
 }
 
 // handleReadyz reports whether this instance can do its work: a load balancer
-// should stop sending it orders while either dependency is unreachable.
+// should stop sending it orders while either dependency is unreachable, or
+// while the database takes no writes (a failover in progress).
 func handleReadyz(db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
@@ -661,7 +746,7 @@ func handleReadyz(db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
 				mu.Unlock()
 			}
 		}
-		wg.Go(func() { check("database", db.Ping) })
+		wg.Go(func() { check("database", func(ctx context.Context) error { return checkWritable(ctx, db) }) })
 		wg.Go(func() { check("kafka", kafka.Ping) })
 		wg.Wait()
 		writeJSON(w, code, checks)
@@ -794,34 +879,27 @@ func decodeProblem(err error) *problem {
 	}
 }
 
-// writeDBError answers 503 when the database is unreachable or too slow (the
-// client may retry) and 500 for anything else, which is a bug.
+// writeDBError answers 503 with Retry-After when the failure is transient
+// (the database unreachable, read-only, too slow, or a conflict with another
+// transaction: the client may retry) and 500 for anything else, which is a
+// bug: requests are validated before they reach the database.
 func writeDBError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
 	if errors.Is(r.Context().Err(), context.Canceled) {
 		return // the client went away
 	}
-	if dbUnavailable(err) {
+	if dbTransient(err) {
 		log.WarnContext(r.Context(), "database unavailable", "route", r.Pattern, "err", err)
 		w.Header().Set("Retry-After", "1")
-		writeProblem(w, http.StatusServiceUnavailable, "the database is unavailable; retry later")
+		detail := "the database is unavailable; retry later"
+		if errors.Is(err, errCommitOutcomeUnknown) {
+			detail = "the database did not confirm whether the order was stored; retry with the same Idempotency-Key, " +
+				"or list your orders before retrying without one"
+		}
+		writeProblem(w, http.StatusServiceUnavailable, detail)
 		return
 	}
 	log.ErrorContext(r.Context(), "request failed", "route", r.Pattern, "err", err)
 	writeProblem(w, http.StatusInternalServerError, "internal error")
-}
-
-func dbUnavailable(err error) bool {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		// connection_exception, insufficient_resources, operator_intervention
-		c := pgErr.Code[:2]
-		return c == "08" || c == "53" || c == "57"
-	}
-	var netErr net.Error
-	var connectErr *pgconn.ConnectError
-	return errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
-		errors.As(err, &netErr) || errors.As(err, &connectErr) || errors.Is(err, io.EOF) ||
-		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || strings.Contains(err.Error(), "conn closed")
 }
 
 // problem is an RFC 9457 problem details object.
@@ -865,6 +943,9 @@ func encodeCursor(k pageKey) string {
 	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(k.CreatedAt.UnixMicro(), 10) + "." + k.ID))
 }
 
+// minCursorMicros is year 1: no order is older, and PostgreSQL holds it.
+var minCursorMicros = time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC).UnixMicro()
+
 func decodeCursor(s string) (pageKey, error) {
 	b, err := base64.RawURLEncoding.DecodeString(s)
 	if err != nil {
@@ -874,6 +955,10 @@ func decodeCursor(s string) (pageKey, error) {
 	us, err := strconv.ParseInt(ts, 10, 64)
 	if !ok || err != nil || !isUUID(id) {
 		return pageKey{}, errors.New("malformed cursor")
+	}
+	if us < minCursorMicros || us > firstPage.CreatedAt.UnixMicro() {
+		// Outside PostgreSQL's timestamp range it would fail as 22008.
+		return pageKey{}, errors.New("cursor out of range")
 	}
 	return pageKey{CreatedAt: time.UnixMicro(us).UTC(), ID: id}, nil
 }

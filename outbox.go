@@ -57,8 +57,9 @@ const (
 )
 
 // run publishes until ctx is cancelled, then returns after the batch in
-// flight has been published and marked (or rolled back).
-func (r *relay) run(ctx context.Context) {
+// flight has been published and marked, or rolled back when abort ends first
+// (shutdown's budget is spent): its rows stay in the outbox for the next run.
+func (r *relay) run(ctx, abort context.Context) {
 	purgeDone := make(chan struct{})
 	go func() {
 		defer close(purgeDone)
@@ -68,7 +69,7 @@ func (r *relay) run(ctx context.Context) {
 
 	var failures int
 	for ctx.Err() == nil {
-		n, err := r.publishBatch(ctx)
+		n, err := r.publishBatch(abort)
 		if err != nil {
 			failures++
 			d := backoff(failures)
@@ -90,10 +91,10 @@ func (r *relay) run(ctx context.Context) {
 }
 
 // publishBatch claims, produces and marks one batch in one transaction. The
-// transaction is not bound to ctx: shutdown lets the current batch finish, and
-// the produce deadline alone bounds how long row locks are held.
+// produce deadline bounds how long row locks are held; ctx is not the run's
+// ctx but its abort: shutdown lets the current batch finish if it can.
 func (r *relay) publishBatch(ctx context.Context) (int, error) {
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), r.produceTimeout+10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, r.produceTimeout+10*time.Second)
 	defer cancel()
 
 	tx, err := r.db.Begin(ctx)

@@ -8,6 +8,9 @@ import (
 	_ "embed"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -83,48 +86,87 @@ type createResult struct {
 // the relay is delivered only on that commit. It writes a whole batch of
 // requests in one transaction (see orderWriter), so concurrent requests share
 // one commit, one WAL flush; results[i] answers in[i].
+//
+// When COMMIT was sent but no answer came back (the connection broke, or ctx
+// ended while the server was committing), the outcome is unknown to us and
+// the error is a *commitUnknownError carrying the transaction id, so that
+// the caller can ask the server what became of it (xactStatus).
 func createOrders(ctx context.Context, db *pgxpool.Pool, topic string, in []newOrder) ([]createResult, error) {
-	results := make([]createResult, len(in))
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		inserted, err := insertOrders(ctx, tx, in)
-		if err != nil {
-			return err
-		}
-		var events []payOrderEvent
-		for i, req := range in {
-			if o, ok := inserted[req.ID]; ok {
-				e, err := payOrderPayload(newUUID(), o)
-				if err != nil {
-					return err
-				}
-				events = append(events, e)
-				results[i] = createResult{Order: o, Created: true}
-				continue
-			}
-			// ON CONFLICT skipped it: the key was used before, by an
-			// earlier request (whose transaction ON CONFLICT waited for)
-			// or by one earlier in this batch.
-			o, hash, err := getOrderByIdempotencyKey(ctx, tx, req.UserID, *req.IdempotencyKey)
-			if err != nil {
-				return err
-			}
-			results[i] = createResult{Order: o}
-			if string(hash) != string(req.RequestHash) {
-				results[i] = createResult{Err: errIdempotencyConflict}
-			}
-		}
-		if len(events) == 0 {
-			return nil
-		}
-		if err := insertOutbox(ctx, tx, topic, events); err != nil {
-			return err
-		}
-		return notifyOutbox(ctx, tx)
-	})
+	tx, err := db.Begin(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("begin orders: %w", err)
+	}
+	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
+	results, xid, err := writeOrders(ctx, tx, topic, in)
 	if err != nil {
 		return nil, err
 	}
+	if err := tx.Commit(ctx); err != nil {
+		var pgErr *pgconn.PgError
+		if xid != "" && !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
+			return nil, &commitUnknownError{xid: xid, err: err, results: results}
+		}
+		return nil, fmt.Errorf("commit orders: %w", err)
+	}
 	return results, nil
+}
+
+// commitUnknownError is a COMMIT whose answer was lost: the server may have
+// committed the transaction xid, or not.
+type commitUnknownError struct {
+	xid     string
+	err     error
+	results []createResult // the answers, should it have committed
+}
+
+func (e *commitUnknownError) Error() string {
+	return fmt.Sprintf("commit of transaction %s unanswered: %v", e.xid, e.err)
+}
+
+func (e *commitUnknownError) Unwrap() error { return e.err }
+
+// writeOrders is the body of createOrders' transaction. It returns the
+// transaction id when it wrote anything.
+func writeOrders(ctx context.Context, tx pgx.Tx, topic string, in []newOrder) ([]createResult, string, error) {
+	results := make([]createResult, len(in))
+	inserted, err := insertOrders(ctx, tx, in)
+	if err != nil {
+		return nil, "", err
+	}
+	var events []payOrderEvent
+	for i, req := range in {
+		if o, ok := inserted[req.ID]; ok {
+			e, err := payOrderPayload(newUUID(), o)
+			if err != nil {
+				return nil, "", err
+			}
+			events = append(events, e)
+			results[i] = createResult{Order: o, Created: true}
+			continue
+		}
+		// ON CONFLICT skipped it: the key was used before, by an
+		// earlier request (whose transaction ON CONFLICT waited for)
+		// or by one earlier in this batch.
+		o, hash, err := getOrderByIdempotencyKey(ctx, tx, req.UserID, *req.IdempotencyKey)
+		if err != nil {
+			return nil, "", err
+		}
+		results[i] = createResult{Order: o}
+		if string(hash) != string(req.RequestHash) {
+			results[i] = createResult{Err: errIdempotencyConflict}
+		}
+	}
+	if len(events) == 0 {
+		return results, "", nil
+	}
+	if err := insertOutbox(ctx, tx, topic, events); err != nil {
+		return nil, "", err
+	}
+	xid, err := notifyOutbox(ctx, tx)
+	if err != nil {
+		return nil, "", err
+	}
+	return results, xid, nil
 }
 
 // insertOrders inserts the batch in its given order and returns the rows it
@@ -189,10 +231,50 @@ func insertOutbox(ctx context.Context, db dbtx, topic string, events []payOrderE
 }
 
 // notifyOutbox wakes the relays. PostgreSQL delivers it at commit and folds
-// identical notifications of one transaction into one.
-func notifyOutbox(ctx context.Context, db dbtx) error {
-	if _, err := db.Exec(ctx, `SELECT pg_notify($1, '')`, outboxChannel); err != nil {
-		return fmt.Errorf("notify outbox: %w", err)
+// identical notifications of one transaction into one. The same round trip
+// returns the transaction's id, for xactStatus should the COMMIT go
+// unanswered.
+func notifyOutbox(ctx context.Context, db dbtx) (xid string, err error) {
+	if err := db.QueryRow(ctx, `SELECT pg_current_xact_id()::text FROM pg_notify($1, '')`, outboxChannel).Scan(&xid); err != nil {
+		return "", fmt.Errorf("notify outbox: %w", err)
+	}
+	return xid, nil
+}
+
+// xactStatus asks the server what became of a transaction: "committed",
+// "aborted" or "in progress".
+func xactStatus(ctx context.Context, db dbtx, xid string) (string, error) {
+	var status *string
+	if err := db.QueryRow(ctx, `SELECT pg_xact_status($1::xid8)`, xid).Scan(&status); err != nil {
+		return "", fmt.Errorf("status of transaction %s: %w", xid, err)
+	}
+	if status == nil {
+		// Only a transaction older than the commit log kept: never ours.
+		return "", fmt.Errorf("status of transaction %s: no longer known", xid)
+	}
+	return *status, nil
+}
+
+// errReadOnly is a database that takes no writes: a standby, or a primary
+// demoted during a failover.
+var errReadOnly = errors.New("the database is read-only")
+
+// checkWritable is the readiness check: the database answers and takes
+// writes. A connection that finds it read-only is closed, so that the pool
+// connects anew (perhaps to the new primary) instead of keeping it.
+func checkWritable(ctx context.Context, db *pgxpool.Pool) error {
+	c, err := db.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	var readOnly bool
+	if err := c.QueryRow(ctx, `SELECT current_setting('transaction_read_only') = 'on'`).Scan(&readOnly); err != nil {
+		return err
+	}
+	if readOnly {
+		c.Conn().Close(ctx) //nolint:errcheck // closing is all we want
+		return errReadOnly
 	}
 	return nil
 }
@@ -384,4 +466,55 @@ func getOutboxStats(ctx context.Context, db dbtx) (outboxStats, error) {
 		return s, fmt.Errorf("outbox stats: %w", err)
 	}
 	return s, nil
+}
+
+// Every database error is classified once, here. Transient: the same work may
+// succeed later, so the consumer and the relay retry it and HTTP answers 503
+// with Retry-After. Permanent: the values themselves cannot be stored, so a
+// payment result goes to the DLQ. Anything else is a bug.
+// SQLSTATE classes: https://www.postgresql.org/docs/current/errcodes-appendix.html
+func dbTransient(err error) bool {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "40001", // serialization_failure
+			"40P01", // deadlock_detected
+			"55P03", // lock_not_available
+			"55006", // object_in_use
+			"25006", // read_only_sql_transaction: a standby, or a demoted primary
+			"25P03", // idle_in_transaction_session_timeout
+			"58000", // system_error
+			"58030": // io_error
+			return true
+		}
+		switch pgErr.Code[:2] {
+		case "08", // connection_exception
+			"53", // insufficient_resources: too many connections, disk full, out of memory
+			"57": // operator_intervention: shutdown, cannot connect now, query canceled
+			return true
+		}
+		return false
+	}
+	var netErr net.Error
+	var connectErr *pgconn.ConnectError
+	return errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
+		errors.As(err, &netErr) || errors.As(err, &connectErr) || errors.Is(err, io.EOF) ||
+		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, errReadOnly) ||
+		errors.Is(err, errCommitOutcomeUnknown) || strings.Contains(err.Error(), "conn closed")
+}
+
+// dbPermanent is an error caused by the values written: class 22 (data
+// exception: bad text, a value out of range) or 23 (integrity constraint).
+func dbPermanent(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
+}
+
+// closeReadOnly is the pool's OnPgError: a connection whose server refuses
+// writes (25006) is closed, since that server stays read-only for it; the
+// pool's next connection may reach the new primary (a multi-host
+// DATABASE_URL with target_session_attrs=read-write picks it). FATAL errors
+// close the connection as pgx's default handler does.
+func closeReadOnly(_ *pgconn.PgConn, pgErr *pgconn.PgError) bool {
+	return pgErr.Code != "25006" && !strings.EqualFold(pgErr.Severity, "FATAL")
 }

@@ -1,0 +1,724 @@
+package main
+
+// The world outside the service's own model: a Payment Service that sends
+// anything, a database that fails over or loses a COMMIT's answer, a broker
+// or a consumer group that never answers during shutdown. Every outside
+// input is classified: the sender's fault goes to the DLQ (or 4xx), a
+// transient fault is retried (or 503), and nothing stops the consumer.
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
+)
+
+// produceRecords writes records as they are, with a client that accepts
+// batches up to the broker's own limit (1 MiB), larger than the service's.
+func produceRecords(t testing.TB, b *broker, recs ...*kgo.Record) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.ProducerBatchMaxBytes(1_048_000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+		t.Fatalf("produce: %v", err)
+	}
+}
+
+func headerMap(r *kgo.Record) map[string]string {
+	h := map[string]string{}
+	for _, kv := range r.Headers {
+		h[kv.Key] = string(kv.Value)
+	}
+	return h
+}
+
+// A hostile Payment Service, all on one partition, ahead of a valid result:
+// every record is applied or dead-lettered, and the valid one behind them all
+// is applied.
+func TestHostilePaymentResultsNeverStopTheConsumer(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	var o [6]Order
+	for i := range o {
+		o[i] = s.createOrder(t, user, int64(10+i))
+	}
+	key := o[0].ID // one key: one partition, in this order
+	result := func(v string) *kgo.Record {
+		return &kgo.Record{Topic: b.topic(topicPaymentResults), Key: []byte(key), Value: []byte(v)}
+	}
+	hugeReason := strings.Repeat("ж", 300_000) // 600 KB
+	recs := []*kgo.Record{
+		// Values that only need cleaning are applied (see decodePaymentResult).
+		result(`{"order_id": "` + o[0].ID + `", "status": "FAILED", "reason": "card\u0000declined"}`),
+		result(`{"order_id": "` + o[1].ID + "\", \"status\": \"FAILED\", \"reason\": \"bad \xff\xfe bytes \\u0001\\u001b ctl\"}"),
+		result(`{"order_id": "` + o[2].ID + `", "status": "FAILED", "status": "PAID"}`), // duplicate key: the last wins
+		result(`{"order_id": "` + o[3].ID + `", "status": "FAILED", "reason": "` + hugeReason + `"}`),
+		// Poison.
+		result(`{"order_id": "` + strings.Repeat("x", 600_000) + `", "status": "PAID"}`), // its error would quote 600 KB
+		result(strings.Repeat("[", 20_000) + strings.Repeat("]", 20_000)),                // nested 20 000 deep
+		result(`{"order_id": 42, "status": "PAID"}`),                                     // a number where a string belongs
+		result(`{"order_id": "` + o[4].ID + `", "status": ["PAID"]}`),
+		result(`{"order_id": "` + o[4].ID + `", "status": "REFUNDED", "junk": "` + strings.Repeat("y", 1_040_000) + `"}`), // its DLQ copy cannot fit
+		// The valid result behind them all.
+		result(`{"order_id": "` + o[5].ID + `", "status": "PAID"}`),
+	}
+	const poison = 5
+	produceRecords(t, b, recs...)
+
+	waitFor(t, 20*time.Second, "the valid result behind the poison applied", func() bool {
+		return s.getOrder(t, user, o[5].ID).Status == "PAID"
+	})
+	waitCommitted(t, b)
+	got := make([]Order, len(o))
+	for i := range o {
+		got[i] = s.getOrder(t, user, o[i].ID)
+	}
+	reason := func(o Order) string {
+		if o.FailureReason == nil {
+			return "<nil>"
+		}
+		return *o.FailureReason
+	}
+	if got[0].Status != "FAILED" || reason(got[0]) != "card\uFFFDdeclined" {
+		t.Errorf("NUL in reason: %s %q, want FAILED with the NUL replaced by U+FFFD", got[0].Status, reason(got[0]))
+	}
+	if got[1].Status != "FAILED" || reason(got[1]) != "bad \uFFFD\uFFFD bytes \x01\x1b ctl" {
+		t.Errorf("invalid UTF-8 and control characters: %s %q", got[1].Status, reason(got[1]))
+	}
+	if got[2].Status != "PAID" {
+		t.Errorf("duplicate keys: %s, want PAID (the last one)", got[2].Status)
+	}
+	if r := reason(got[3]); got[3].Status != "FAILED" || utf8.RuneCountInString(r) != maxReason || r != hugeReason[:2*maxReason] {
+		t.Errorf("600 KB reason: %s, %d characters stored, want FAILED and the first %d", got[3].Status, utf8.RuneCountInString(r), maxReason)
+	}
+	if got[4].Status != "PENDING" {
+		t.Errorf("order behind two poison records: %s, want PENDING", got[4].Status)
+	}
+
+	dlq := readTopic(t, b, b.topic(topicPaymentDLQ), 20*time.Second, func(r []*kgo.Record) bool { return len(r) >= poison })
+	if len(dlq) != poison {
+		t.Fatalf("DLQ has %d records, want %d", len(dlq), poison)
+	}
+	for i, r := range dlq {
+		h := headerMap(r)
+		orig := recs[4+i]
+		if h["original-offset"] != fmt.Sprint(orig.Offset) || h["error"] == "" || len(h["error"]) > maxErrorHeader+len("…") {
+			t.Errorf("DLQ record %d: original-offset %s (want %d), error header of %d bytes", i, h["original-offset"], orig.Offset, len(h["error"]))
+		}
+		if i < poison-1 && (!bytes.Equal(r.Value, orig.Value) || h["truncated"] != "") {
+			t.Errorf("DLQ record %d: value of %d bytes (original %d), truncated %q; want the original", i, len(r.Value), len(orig.Value), h["truncated"])
+		}
+	}
+	last := dlq[poison-1]
+	if h := headerMap(last); h["truncated"] == "" || !bytes.Equal(last.Value, recs[8].Value[:truncatedBytes]) {
+		t.Errorf("oversized DLQ copy: %d bytes, headers %v; want its first %d bytes and a truncated header", len(last.Value), h, truncatedBytes)
+	}
+	if n := metric(t, s.url, "payment_results_dlq_total"); n != poison {
+		t.Errorf("payment_results_dlq_total %v, want %d", n, poison)
+	}
+}
+
+// A value the database itself refuses (here a CHECK constraint the test adds;
+// SQLSTATE 23514) is one record's fault: that record alone goes to the DLQ and
+// the rest of its poll is applied.
+func TestRecordTheDatabaseRefusesIsDeadLetteredAlone(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	s := startService(t, env)
+	user := newUser()
+	var ids []string
+	for range 6 {
+		ids = append(ids, s.createOrder(t, user, 5).ID)
+	}
+	if err := s.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := schemaPool(t, dbURL).Exec(context.Background(),
+		`ALTER TABLE orders ADD CONSTRAINT test_refuses CHECK (failure_reason IS DISTINCT FROM 'refused')`); err != nil {
+		t.Fatal(err)
+	}
+	// Produced while no consumer runs, on one partition: the restarted
+	// service reads them in one poll, and applies them in one transaction.
+	var recs []*kgo.Record
+	refused := map[int]bool{1: true, 4: true}
+	for i, id := range ids {
+		v := `{"order_id": "` + id + `", "status": "FAILED", "reason": "ok"}`
+		if refused[i] {
+			v = `{"order_id": "` + id + `", "status": "FAILED", "reason": "refused"}`
+		}
+		recs = append(recs, &kgo.Record{Topic: b.topic(topicPaymentResults), Key: []byte(ids[0]), Value: []byte(v)})
+	}
+	produceRecords(t, b, recs...)
+	s2 := startService(t, env)
+	waitCommitted(t, b)
+	for i, id := range ids {
+		want := "FAILED"
+		if refused[i] {
+			want = "PENDING"
+		}
+		if got := s2.getOrder(t, user, id).Status; got != want {
+			t.Errorf("order %d: %s, want %s", i, got, want)
+		}
+	}
+	dlq := readTopicNow(t, b, b.topic(topicPaymentDLQ))
+	if len(dlq) != 2 {
+		t.Fatalf("DLQ has %d records, want the 2 refused", len(dlq))
+	}
+	for i, r := range dlq {
+		h := headerMap(r)
+		if want := []string{"1", "4"}[i]; h["original-offset"] != want || !strings.Contains(h["error"], "23514") {
+			t.Errorf("DLQ record %d: offset %s (want %s), error %q", i, h["original-offset"], want, h["error"])
+		}
+	}
+}
+
+// Each SQLSTATE the service may meet, raised by the real server, is classified
+// as the README says.
+func TestDatabaseErrorClassification(t *testing.T) {
+	conn, err := pgx.Connect(context.Background(), testDBURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	for _, c := range []struct {
+		code                 string
+		transient, permanent bool
+	}{
+		{"40001", true, false},  // serialization_failure
+		{"40P01", true, false},  // deadlock_detected
+		{"55P03", true, false},  // lock_not_available
+		{"55006", true, false},  // object_in_use
+		{"25006", true, false},  // read_only_sql_transaction
+		{"57P01", true, false},  // admin_shutdown
+		{"57P03", true, false},  // cannot_connect_now
+		{"53300", true, false},  // too_many_connections
+		{"08006", true, false},  // connection_failure
+		{"58030", true, false},  // io_error
+		{"22021", false, true},  // character_not_in_repertoire (a NUL)
+		{"22008", false, true},  // datetime_field_overflow
+		{"22001", false, true},  // string_data_right_truncation
+		{"23505", false, true},  // unique_violation
+		{"23514", false, true},  // check_violation
+		{"42P01", false, false}, // undefined_table: a bug
+		{"42601", false, false}, // syntax_error: a bug
+	} {
+		_, err := conn.Exec(context.Background(), fmt.Sprintf(`DO $$ BEGIN RAISE EXCEPTION 'test' USING ERRCODE = '%s'; END $$`, c.code))
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) || pgErr.Code != c.code {
+			t.Fatalf("raise %s: %v", c.code, err)
+		}
+		wrapped := fmt.Errorf("context: %w", err)
+		if dbTransient(wrapped) != c.transient || dbPermanent(wrapped) != c.permanent {
+			t.Errorf("%s: transient %v permanent %v, want %v %v", c.code, dbTransient(wrapped), dbPermanent(wrapped), c.transient, c.permanent)
+		}
+	}
+}
+
+// A request that waits on a lock past lock_timeout (55P03) is told to retry.
+func TestLockTimeoutAnswers503(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["DATABASE_URL"] = withParam(dbURL, "lock_timeout", "200ms") // a run-time parameter
+	s := startService(t, env)
+	user := newUser()
+	// The test holds the (user, key) row uncommitted: the service's insert
+	// with the same key must wait for it, and gives up after lock_timeout.
+	tx, err := schemaPool(t, dbURL).Begin(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(context.Background())
+	if _, err := tx.Exec(context.Background(), `INSERT INTO orders (id, user_id, amount, idempotency_key, request_hash)
+		VALUES ($1, $2, 1, 'held', '\x00')`, newUUID(), user); err != nil {
+		t.Fatal(err)
+	}
+	r := do(t, "POST", s.url+"/orders", `{"amount": 1}`, "X-User-Id", user, "Idempotency-Key", "held")
+	if r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" || r.header.Get("Content-Type") != "application/problem+json" {
+		t.Errorf("lock timeout: %d %v %s, want 503 problem+json with Retry-After", r.status, r.header, r.body)
+	}
+}
+
+// A failover, as the service sees it: its connections drop, and the server it
+// reconnects to takes no writes (SQLSTATE 25006). Writes answer 503 with
+// Retry-After, reads go on, /readyz says 503; when the database takes writes
+// again the service recovers with no restart.
+func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	app := "svc-" + randomHex(4)
+	env := serviceEnv(withParam(dbURL, "application_name", app), b)
+	s := startService(t, env)
+	user := newUser()
+	first := s.createOrder(t, user, 1)
+	readPayOrders(t, b, []string{first.ID}, 10*time.Second)
+
+	dbName := testDB.Config().ConnConfig.Database
+	setReadOnly := func(on bool) {
+		t.Helper()
+		q := "ALTER DATABASE " + dbName + " RESET default_transaction_read_only"
+		if on {
+			q = "ALTER DATABASE " + dbName + " SET default_transaction_read_only = on"
+		}
+		if _, err := testDB.Exec(context.Background(), q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	setReadOnly(true)
+	t.Cleanup(func() { setReadOnly(false) })
+	// The demotion: every connection of the service drops.
+	if _, err := testDB.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND application_name IN ($1, $2)`, app, listenApplicationName); err != nil {
+		t.Fatal(err)
+	}
+
+	for i := range 10 {
+		r := do(t, "POST", s.url+"/orders", `{"amount": 7}`, "X-User-Id", user)
+		if r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" {
+			t.Errorf("POST %d on a read-only database: %d %s, want 503 with Retry-After", i, r.status, r.body)
+		}
+	}
+	if got := s.getOrder(t, user, first.ID); got.ID != first.ID {
+		t.Errorf("GET on a read-only database: %+v", got)
+	}
+	if r := do(t, "GET", s.url+"/orders", "", "X-User-Id", user); r.status != http.StatusOK {
+		t.Errorf("list on a read-only database: %d %s", r.status, r.body)
+	}
+	if r := do(t, "GET", s.url+"/readyz", ""); r.status != http.StatusServiceUnavailable || !strings.Contains(string(r.body), "read-only") {
+		t.Errorf("/readyz on a read-only database: %d %s", r.status, r.body)
+	}
+
+	// Writable again; the service's read-only connections are its own
+	// to close.
+	setReadOnly(false)
+	var next Order
+	waitFor(t, 10*time.Second, "POST 201 once the database takes writes", func() bool {
+		r := do(t, "POST", s.url+"/orders", `{"amount": 8}`, "X-User-Id", user)
+		if r.status == http.StatusCreated {
+			next = r.order(t)
+		}
+		return r.status == http.StatusCreated
+	})
+	readPayOrders(t, b, []string{next.ID}, 10*time.Second)
+	waitFor(t, 10*time.Second, "/readyz 200 again", func() bool { return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK })
+	if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE amount = 7`); n != 0 {
+		t.Errorf("%d orders stored by requests answered 503", n)
+	}
+}
+
+// commitDelayProxy forwards to PostgreSQL; armed, it holds back the server's
+// answer to the next COMMIT for a while, as a network that loses it would.
+type commitDelayProxy struct {
+	*tcpProxy
+	delay atomic.Int64 // nanoseconds; 0: disarmed
+}
+
+func newCommitDelayProxy(t testing.TB, schema string) (*commitDelayProxy, string) {
+	p, url := newDBProxy(t, schema)
+	cp := &commitDelayProxy{tcpProxy: p}
+	p.mu.Lock()
+	p.pipeFn = cp.pipe
+	p.mu.Unlock()
+	return cp, url
+}
+
+// pipe reads the client's messages (after the untyped startup message, each
+// is a type byte and a length) and, on a simple-protocol COMMIT, delays what
+// the server sends back on that connection.
+func (p *commitDelayProxy) pipe(c net.Conn) {
+	up, err := p.target()
+	if err != nil {
+		c.Close()
+		return
+	}
+	p.mu.Lock()
+	p.conns[up] = true
+	p.mu.Unlock()
+	var holdUntil atomic.Int64
+	go func() {
+		defer up.Close()
+		var n [4]byte
+		if _, err := io.ReadFull(c, n[:]); err != nil {
+			return
+		}
+		startup := make([]byte, binary.BigEndian.Uint32(n[:])-4)
+		if _, err := io.ReadFull(c, startup); err != nil {
+			return
+		}
+		up.Write(append(n[:], startup...))
+		for {
+			var hdr [5]byte
+			if _, err := io.ReadFull(c, hdr[:]); err != nil {
+				return
+			}
+			body := make([]byte, binary.BigEndian.Uint32(hdr[1:])-4)
+			if _, err := io.ReadFull(c, body); err != nil {
+				return
+			}
+			if hdr[0] == 'Q' && strings.EqualFold(strings.TrimRight(string(body), "\x00; "), "commit") {
+				if d := p.delay.Swap(0); d > 0 {
+					holdUntil.Store(time.Now().Add(time.Duration(d)).UnixNano())
+				}
+			}
+			if _, err := up.Write(append(hdr[:], body...)); err != nil {
+				return
+			}
+		}
+	}()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := up.Read(buf)
+		if n > 0 {
+			time.Sleep(time.Until(time.Unix(0, holdUntil.Load())))
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	c.Close()
+}
+
+// The server commits, but its answer arrives after the request's deadline.
+// The service asks the server what became of the transaction (pg_xact_status)
+// and answers 201, rather than 503 for an order that exists.
+func TestCommitWhoseAnswerIsLateIsSettled(t *testing.T) {
+	b := newBroker(t, false)
+	schema := createSchema(t)
+	proxy, dbURL := newCommitDelayProxy(t, schema)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 10*time.Second)
+	waitFor(t, 10*time.Second, "relay idle", func() bool {
+		return count(t, newSchemaURL(schema), `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
+	})
+
+	proxy.delay.Store(int64(requestDBTimeout + 2*time.Second))
+	start := time.Now()
+	r := do(t, "POST", s.url+"/orders", `{"amount": 42}`, "X-User-Id", user)
+	took := time.Since(start)
+	if got := metric(t, s.url, "order_commits_unanswered_total"); got != 1 {
+		t.Fatalf("order_commits_unanswered_total %v: the COMMIT's answer was not delayed past the deadline (took %s)", got, took)
+	}
+	if r.status != http.StatusCreated {
+		t.Fatalf("the order committed but the answer was %d %s (after %s)", r.status, r.body, took)
+	}
+	o := r.order(t)
+	if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM orders WHERE id = $1`, o.ID); n != 1 {
+		t.Errorf("%d rows for the order answered 201", n)
+	}
+	readPayOrders(t, b, []string{o.ID}, 10*time.Second)
+	t.Logf("COMMIT answer held back %s: answered 201 after %s", requestDBTimeout+2*time.Second, took.Round(time.Millisecond))
+}
+
+// An order whose COMMIT fails leaves no event, and no event exists without
+// its order: the outbox row is written in the order's transaction. The test
+// adds a deferred constraint trigger that fails one order at COMMIT.
+func TestOrderWhoseCommitFailsLeavesNoEvent(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	if _, err := schemaPool(t, dbURL).Exec(context.Background(), `
+		CREATE FUNCTION fail_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+		BEGIN RAISE EXCEPTION 'refused at commit by the test'; END $$;
+		CREATE CONSTRAINT TRIGGER fail_at_commit AFTER INSERT ON orders DEFERRABLE INITIALLY DEFERRED
+		FOR EACH ROW WHEN (NEW.description = 'fail at commit') EXECUTE FUNCTION fail_at_commit();`); err != nil {
+		t.Fatal(err)
+	}
+	user := newUser()
+	r := do(t, "POST", s.url+"/orders", `{"amount": 3, "description": "fail at commit"}`, "X-User-Id", user)
+	if r.status < 500 {
+		t.Fatalf("POST whose commit fails: %d %s", r.status, r.body)
+	}
+	ok := s.createOrder(t, user, 4)
+	readPayOrders(t, b, []string{ok.ID}, 10*time.Second)
+	if n := count(t, dbURL, `SELECT count(*) FROM orders`); n != 1 {
+		t.Errorf("%d orders stored, want only the one that committed", n)
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key NOT IN (SELECT id::text FROM orders)`); n != 0 {
+		t.Errorf("%d outbox events without their order", n)
+	}
+	if n := endOffsets(t, b, b.topic(topicPayOrder)); n != 1 {
+		t.Errorf("pay-order holds %d records, want 1", n)
+	}
+}
+
+// waitLocked waits until some unpublished outbox row is locked: the relay has
+// claimed it and waits on the broker.
+func waitLocked(t testing.TB, dbURL string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "the relay holding claimed rows", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) >
+			count(t, dbURL, `SELECT count(*) FROM (SELECT id FROM outbox WHERE published_at IS NULL FOR UPDATE SKIP LOCKED) u`)
+	})
+}
+
+// swallow makes the in-process broker take requests of the given keys (all,
+// if none) and never answer them, until the returned func is called.
+func swallow(b *broker, keys ...kmsg.Key) func() {
+	var on atomic.Bool
+	on.Store(true)
+	fn := func(kmsg.Request) (kmsg.Response, error, bool) {
+		if !on.Load() {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		return nil, nil, true
+	}
+	if len(keys) == 0 {
+		b.cluster.Control(fn)
+	}
+	for _, k := range keys {
+		b.cluster.ControlKey(k.Int16(), fn)
+	}
+	return func() { on.Store(false) }
+}
+
+// SIGTERM ends the process within SHUTDOWN_TIMEOUT whatever the broker and
+// the consumer group are doing; what it could not finish is done after a
+// restart.
+func TestShutdownEndsWithinBudget(t *testing.T) {
+	const budget = 3 * time.Second
+	sigterm := func(t *testing.T, c *child) time.Duration {
+		t.Helper()
+		start := time.Now()
+		if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-c.done:
+		case <-time.After(budget + 10*time.Second):
+			t.Fatalf("still running %s after SIGTERM", budget+10*time.Second)
+		}
+		took := time.Since(start)
+		if c.err != nil {
+			t.Errorf("exit: %v, want status 0", c.err)
+		}
+		if took > budget+500*time.Millisecond {
+			t.Errorf("shutdown took %s; SHUTDOWN_TIMEOUT is %s", took, budget)
+		}
+		return took
+	}
+	start := func(t *testing.T) (*broker, string, map[string]string, *child) {
+		b := newBroker(t, true)
+		dbURL := newSchema(t)
+		env := childEnvFor(dbURL, b)
+		env["SHUTDOWN_TIMEOUT"] = budget.String()
+		env["RELAY_PRODUCE_TIMEOUT"] = "1m"
+		c := startChild(t, env)
+		c.waitReady(t)
+		return b, dbURL, env, c
+	}
+
+	t.Run("the broker answers nothing", func(t *testing.T) {
+		b, dbURL, env, c := start(t)
+		user := newUser()
+		first := do(t, "POST", c.url+"/orders", `{"amount": 1}`, "X-User-Id", user).order(t)
+		readPayOrders(t, b, []string{first.ID}, 10*time.Second)
+		release := swallow(b)
+		o := do(t, "POST", c.url+"/orders", `{"amount": 2}`, "X-User-Id", user).order(t)
+		waitLocked(t, dbURL)
+		took := sigterm(t, c)
+		t.Logf("exit %s after SIGTERM with the relay's produce and the group stalled", took.Round(time.Millisecond))
+		if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1 AND published_at IS NULL`, o.ID); n != 1 {
+			t.Errorf("the abandoned event is not left unpublished in the outbox")
+		}
+		release()
+		env["HTTP_ADDR"] = "127.0.0.1:" + freePort()
+		startChild(t, env).waitReady(t)
+		readPayOrders(t, b, []string{o.ID}, 20*time.Second)
+	})
+
+	t.Run("the group is mid-rebalance", func(t *testing.T) {
+		b, dbURL, _, c := start(t)
+		user := newUser()
+		o := do(t, "POST", c.url+"/orders", `{"amount": 1}`, "X-User-Id", user).order(t)
+		produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`)
+		waitFor(t, 15*time.Second, "result applied", func() bool {
+			return count(t, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID'`) == 1
+		})
+		waitCommitted(t, b)
+		// A second member joins; the rebalance it starts never completes.
+		release := swallow(b, kmsg.SyncGroup)
+		other, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.ConsumerGroup(b.topic(consumerGroup)),
+			kgo.ConsumeTopics(b.topic(topicPaymentResults)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		// Its SyncGroup was swallowed, and kgo's Close waits for it for
+		// the rebalance timeout (60s; the very hang the service's bounded
+		// shutdown guards against): close it in the background, where the
+		// broker's own close ends it.
+		defer func() { go other.Close() }()
+		go other.PollFetches(context.Background())
+		waitFor(t, 15*time.Second, "the group stuck mid-rebalance", func() bool {
+			return groupState(t, b) == "CompletingRebalance"
+		})
+		took := sigterm(t, c)
+		t.Logf("exit %s after SIGTERM mid-rebalance", took.Round(time.Millisecond))
+		release()
+		// The group's SyncGroup requests were swallowed, so it waits out
+		// its rebalance timeout before anyone can join again: rather than
+		// restart, check that what was applied stays committed.
+		if at := committedAt(t, b); at != 1 {
+			t.Errorf("committed offsets sum to %d after shutdown, want 1", at)
+		}
+	})
+}
+
+// groupState asks the broker for the service's consumer group state.
+func groupState(t testing.TB, b *broker) string {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	req := kmsg.NewPtrDescribeGroupsRequest()
+	req.Groups = []string{b.topic(consumerGroup)}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	resp, err := req.RequestWith(ctx, cl)
+	if err != nil || len(resp.Groups) == 0 {
+		return ""
+	}
+	return resp.Groups[0].State
+}
+
+// Requests held inside the handler when SIGTERM arrives are finished and
+// answered, not cut: the test holds their idempotency keys' rows in an open
+// transaction, so their INSERT waits until it rolls back after the signal.
+func TestShutdownAnswersRequestsInFlight(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := childEnvFor(dbURL, b)
+	c := startChild(t, env)
+	c.waitReady(t)
+	user := newUser()
+	do(t, "POST", c.url+"/orders", `{"amount": 1}`, "X-User-Id", user).order(t) // the schema exists
+
+	const k = 8
+	tx, err := schemaPool(t, dbURL).Begin(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(context.Background())
+	for i := range k {
+		if _, err := tx.Exec(context.Background(), `INSERT INTO orders (id, user_id, amount, idempotency_key, request_hash)
+			VALUES ($1, $2, 1, $3, '\x00')`, newUUID(), user, fmt.Sprint("held-", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var wg sync.WaitGroup
+	answers := make([]string, k)
+	for i := range k {
+		wg.Go(func() {
+			req, _ := http.NewRequest("POST", c.url+"/orders", strings.NewReader(`{"amount": 9}`))
+			req.Header.Set("X-User-Id", user)
+			req.Header.Set("Idempotency-Key", fmt.Sprint("held-", i))
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				answers[i] = err.Error()
+				return
+			}
+			resp.Body.Close()
+			answers[i] = resp.Status
+		})
+	}
+	// Both order writers (CREATE_WRITERS=2) wait on a held key; the other
+	// requests queue for them inside the handler.
+	waitFor(t, 5*time.Second, "the requests waiting on the held keys", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`) == 2
+	})
+	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "shutdown begun", func() bool { return strings.Contains(c.out.String(), "shutting down") })
+	if err := tx.Rollback(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	<-c.done
+	for i, a := range answers {
+		if a != "201 Created" {
+			t.Errorf("request %d held across SIGTERM: %s, want 201 Created", i, a)
+		}
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE amount = 9`); n != k {
+		t.Errorf("%d of the %d held orders stored", n, k)
+	}
+}
+
+// Every drop of the LISTEN connection is followed by a reconnect within a
+// second, however many came before (the backoff counts failures in a row).
+func TestListenReconnectsPromptlyAfterEveryDrop(t *testing.T) {
+	db := schemaPool(t, newSchema(t))
+	n := newNotifier(db, testLogger(t), outboxChannel)
+	connected, unsubscribe := n.subscribe(outboxChannel, "")
+	defer unsubscribe()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.run(ctx)
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	<-connected // each (re)connect signals every subscriber
+	for i := range 10 {
+		if _, err := testDB.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+			WHERE datname = current_database() AND application_name = $1`, listenApplicationName); err != nil {
+			t.Fatal(err)
+		}
+		dropped := time.Now()
+		select {
+		case <-connected:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("drop %d: no reconnect within 5s", i+1)
+		}
+		if d := time.Since(dropped); d > time.Second {
+			t.Errorf("drop %d: reconnected after %s, want within 1s", i+1, d.Round(time.Millisecond))
+		}
+	}
+}
+
+// testLogger writes to the test's log.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, nil))
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
