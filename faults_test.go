@@ -682,6 +682,37 @@ func TestTwoReplicasPublishAllOnceAndApplyResultsOnce(t *testing.T) {
 	}
 }
 
+// A relay whose broker stalls holds its claimed rows, and the other replica's
+// relay publishes everything else meanwhile: SKIP LOCKED, not waiting on the
+// held rows. The replicas share the database but not the broker, so that
+// only one of them stalls.
+func TestStalledReplicaDoesNotHoldUpTheOther(t *testing.T) {
+	bA, bB := newBroker(t, true), newBroker(t, true)
+	dbURL := newSchema(t)
+	envA := serviceEnv(dbURL, bA)
+	envA["RELAY_PRODUCE_TIMEOUT"] = "1m"
+	envA["SHUTDOWN_TIMEOUT"] = "2s" // it abandons the stalled batch at exit
+	a := startService(t, envA)
+	user := newUser()
+	readPayOrders(t, bA, []string{a.createOrder(t, user, 1).ID}, 10*time.Second)
+	release := swallow(bA, kmsg.Produce)
+	defer release()
+	held := a.createOrder(t, user, 2)
+	waitLocked(t, dbURL)
+
+	envB := serviceEnv(dbURL, bB)
+	envB["KAFKA_TOPIC_PREFIX"] = bB.prefix
+	b := startService(t, envB)
+	var ids []string
+	for range 20 {
+		ids = append(ids, b.createOrder(t, user, 3).ID)
+	}
+	readPayOrders(t, bB, ids, 10*time.Second)
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1 AND published_at IS NULL`, held.ID); n != 1 {
+		t.Errorf("the stalled replica's row was published meanwhile")
+	}
+}
+
 // 5. Graceful shutdown.
 
 func TestGracefulShutdownUnderLoad(t *testing.T) {
