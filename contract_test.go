@@ -409,3 +409,24 @@ func sorted(s []string) []string {
 	slices.Sort(s)
 	return s
 }
+
+// The broker the tests run (.ci/kafka/pom.xml, fetched by .ci/kafka.sh) is
+// the version compose.yaml's image carries: the suite's Kafka is the user's.
+func TestKafkaVersionMatchesCompose(t *testing.T) {
+	compose, err := os.ReadFile("compose.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pom, err := os.ReadFile(".ci/kafka/pom.xml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	image := regexp.MustCompile(`image: apache/kafka:(\S+)`).FindSubmatch(compose)
+	pinned := regexp.MustCompile(`<kafka.version>([^<]+)</kafka.version>`).FindSubmatch(pom)
+	if image == nil || pinned == nil {
+		t.Fatalf("no version found: compose image %q, pom %q", image, pinned)
+	}
+	if string(image[1]) != string(pinned[1]) {
+		t.Errorf("compose.yaml runs apache/kafka:%s but the tests fetch Kafka %s: change both together", image[1], pinned[1])
+	}
+}

@@ -488,7 +488,7 @@ func (p *tcpProxy) set(down bool) {
 }
 
 func TestDatabaseOutageAnswers503AndRecovers(t *testing.T) {
-	b := newBroker(t, true)
+	b := newBroker(t, false)
 	schema := createSchema(t)
 	proxy, dbURL := newDBProxy(t, schema)
 	env := serviceEnv(dbURL, b)
@@ -574,7 +574,7 @@ func startupFailure(t *testing.T, env map[string]string) (string, time.Duration)
 }
 
 func TestStartupExitsWithOneLineWhenDatabaseUnreachable(t *testing.T) {
-	b := newBroker(t, true)
+	b := newBroker(t, false)
 	addr := "127.0.0.1:" + freePort() // nobody listens here
 	env := childEnvFor("postgres://root@"+addr+"/orders?connect_timeout=1", b)
 	env["STARTUP_TIMEOUT"] = "2s"
@@ -590,7 +590,7 @@ func TestStartupExitsWithOneLineWhenDatabaseUnreachable(t *testing.T) {
 // A database that answers "no such database" will not change its mind:
 // start-up stops at once instead of waiting out STARTUP_TIMEOUT.
 func TestStartupStopsAtOnceWhenDatabaseRefuses(t *testing.T) {
-	b := newBroker(t, true)
+	b := newBroker(t, false)
 	env := childEnvFor(withParam(testDBURL, "dbname", "order_service_no_such_db"), b)
 	env["STARTUP_TIMEOUT"] = "60s"
 	line, took := startupFailure(t, env)
@@ -716,7 +716,7 @@ func TestStalledReplicaDoesNotHoldUpTheOther(t *testing.T) {
 // 5. Graceful shutdown.
 
 func TestGracefulShutdownUnderLoad(t *testing.T) {
-	b := newBroker(t, true)
+	b := newBroker(t, false)
 	dbURL := newSchema(t)
 	env := childEnvFor(dbURL, b)
 	c := startChild(t, env)

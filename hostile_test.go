@@ -289,14 +289,18 @@ func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	setReadOnly(true)
-	t.Cleanup(func() { setReadOnly(false) })
-	// The demotion: every connection of the service drops.
-	if _, err := testDB.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-		WHERE datname = current_database() AND application_name IN ($1, $2)`, app, listenApplicationName); err != nil {
-		t.Fatal(err)
+	// The demotion: the database takes no writes, and every connection of
+	// the service drops.
+	demote := func() {
+		t.Helper()
+		setReadOnly(true)
+		if _, err := testDB.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+			WHERE datname = current_database() AND application_name IN ($1, $2)`, app, listenApplicationName); err != nil {
+			t.Fatal(err)
+		}
 	}
-
+	t.Cleanup(func() { setReadOnly(false) })
+	demote()
 	for i := range 10 {
 		r := do(t, "POST", s.url+"/orders", `{"amount": 7}`, "X-User-Id", user)
 		if r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" {
@@ -309,12 +313,10 @@ func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
 	if r := do(t, "GET", s.url+"/orders", "", "X-User-Id", user); r.status != http.StatusOK {
 		t.Errorf("list on a read-only database: %d %s", r.status, r.body)
 	}
-	if r := do(t, "GET", s.url+"/readyz", ""); r.status != http.StatusServiceUnavailable || !strings.Contains(string(r.body), "read-only") {
-		t.Errorf("/readyz on a read-only database: %d %s", r.status, r.body)
-	}
 
-	// Writable again; the service's read-only connections are its own
-	// to close.
+	// Writable again. The connections the service opened meanwhile are
+	// read-only sessions: it must close them itself (no /readyz has been
+	// asked yet, which would close them too).
 	setReadOnly(false)
 	var next Order
 	waitFor(t, 10*time.Second, "POST 201 once the database takes writes", func() bool {
@@ -325,10 +327,18 @@ func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
 		return r.status == http.StatusCreated
 	})
 	readPayOrders(t, b, []string{next.ID}, 10*time.Second)
-	waitFor(t, 10*time.Second, "/readyz 200 again", func() bool { return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK })
 	if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE amount = 7`); n != 0 {
 		t.Errorf("%d orders stored by requests answered 503", n)
 	}
+
+	// A load balancer asking /readyz is told, and told when it is over.
+	demote()
+	waitFor(t, 10*time.Second, "/readyz 503 read-only", func() bool {
+		r := do(t, "GET", s.url+"/readyz", "")
+		return r.status == http.StatusServiceUnavailable && strings.Contains(string(r.body), "read-only")
+	})
+	setReadOnly(false)
+	waitFor(t, 10*time.Second, "/readyz 200 again", func() bool { return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK })
 }
 
 // commitDelayProxy forwards to PostgreSQL; armed, it holds back the server's
@@ -616,7 +626,7 @@ func groupState(t testing.TB, b *broker) string {
 // answered, not cut: the test holds their idempotency keys' rows in an open
 // transaction, so their INSERT waits until it rolls back after the signal.
 func TestShutdownAnswersRequestsInFlight(t *testing.T) {
-	b := newBroker(t, true)
+	b := newBroker(t, false)
 	dbURL := newSchema(t)
 	env := childEnvFor(dbURL, b)
 	c := startChild(t, env)

@@ -86,6 +86,7 @@ type config struct {
 	OutboxRetention   time.Duration
 	PurgeInterval     time.Duration
 	SessionTimeout    time.Duration
+	InstanceID        string
 	CreateBatchMax    int
 	CreateWriters     int
 	PprofAddr         string
@@ -142,6 +143,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		OutboxRetention:   dur("OUTBOX_RETENTION", 24*time.Hour),
 		PurgeInterval:     dur("OUTBOX_PURGE_INTERVAL", 30*time.Second),
 		SessionTimeout:    dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
+		InstanceID:        str("KAFKA_GROUP_INSTANCE_ID", ""),
 		CreateBatchMax:    num("CREATE_BATCH_MAX", 64, 1, 1000),
 		CreateWriters:     num("CREATE_WRITERS", 2, 1, 64),
 		PprofAddr:         str("PPROF_ADDR", ""),
@@ -222,9 +224,13 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 	defer closeBefore(&stopBy, producer.Close)
 	// A member that crashed holds its partitions until this timeout; a
-	// restarted replica waits that long for them.
-	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log,
-		kgo.SessionTimeout(cfg.SessionTimeout))
+	// restarted replica waits that long for them, unless it has a static
+	// identity (KIP-345): then it takes its partitions back at once.
+	groupOpts := []kgo.Opt{kgo.SessionTimeout(cfg.SessionTimeout)}
+	if cfg.InstanceID != "" {
+		groupOpts = append(groupOpts, kgo.InstanceID(cfg.InstanceID))
+	}
+	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log, groupOpts...)
 	if err != nil {
 		return fmt.Errorf("kafka consumer: %w", err)
 	}

@@ -948,7 +948,7 @@ func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
 // --- faults ---
 
 func TestReadyzAndHealthz(t *testing.T) {
-	b := newBroker(t, true)
+	b := newBroker(t, false)
 	dbURL := newSchema(t)
 	s := startService(t, serviceEnv(dbURL, b))
 	if r := do(t, "GET", s.url+"/healthz", ""); r.status != 200 {

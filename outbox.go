@@ -75,7 +75,9 @@ func (r *relay) run(ctx, abort context.Context) {
 			d := backoff(failures)
 			r.log.WarnContext(ctx, "relay: publish failed, retrying", "err", err, "retry_in", d)
 			r.metrics.publishErrors.Add(1)
-			sleep(ctx, d)
+			if r.pause(ctx, d) {
+				failures = 0 // a new start: the broker is back
+			}
 			continue
 		}
 		failures = 0
@@ -140,6 +142,36 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	}
 	r.metrics.eventsPublished.Add(int64(len(claimed)))
 	return len(claimed), nil
+}
+
+// pause waits d after a failed batch, but no longer than it takes a broker
+// that stopped answering to answer again: the backlog of an outage leaves
+// within a second of the cluster's return, not after the backoff. It asks
+// every 200ms (an ApiVersions request); a broker that answers all along (the
+// failure was elsewhere) gets the whole backoff. back says the broker
+// returned.
+func (r *relay) pause(ctx context.Context, d time.Duration) (back bool) {
+	const every = 200 * time.Millisecond
+	until := time.Now().Add(d)
+	down := false
+	for ctx.Err() == nil {
+		left := time.Until(until)
+		if left <= 0 {
+			return false
+		}
+		step := time.Now().Add(min(every, left))
+		pctx, cancel := context.WithDeadline(ctx, step)
+		err := r.kafka.Ping(pctx)
+		cancel()
+		switch {
+		case err != nil:
+			down = true
+		case down:
+			return true
+		}
+		sleep(ctx, time.Until(step))
+	}
+	return false
 }
 
 // purgeLoop deletes published rows past their retention, on its own timer so
