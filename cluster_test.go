@@ -314,4 +314,3 @@ func TestStaticMemberRestartsWithoutWaitingForTheSession(t *testing.T) {
 	applied(c2.url) // within 20 s, a third of the session timeout
 	t.Logf("static member restarted after SIGKILL: a result applied %s after it was ready", time.Since(restarted).Round(time.Millisecond))
 }
-
