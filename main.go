@@ -218,6 +218,16 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		// broker cannot hold outbox row locks forever; the price is a
 		// possible duplicate, which at-least-once delivery allows anyway.
 		kgo.AllowIdempotentProduceCancellation(),
+		// While brokers are unreachable kgo fails a record only after a
+		// metadata refresh, and refreshes at most every MetadataMinAge (5s)
+		// with backoff up to 2.5s between tries: a 1s RELAY_PRODUCE_TIMEOUT
+		// took 4-7s, and a returned cluster was noticed as late. Refreshing
+		// at most four times a second and retrying within 250ms costs a few
+		// requests a second, only while something is failing.
+		kgo.MetadataMinAge(250*time.Millisecond),
+		kgo.RetryBackoffFn(func(tries int) time.Duration {
+			return jitter(min(250*time.Millisecond, 25*time.Millisecond<<min(tries, 4)))
+		}),
 	)
 	if err != nil {
 		return fmt.Errorf("kafka producer: %w", err)

@@ -357,9 +357,12 @@ func claimOutbox(ctx context.Context, tx pgx.Tx, limit int) ([]outboxRow, error)
 	return claimed, nil
 }
 
+// markPublished stamps the rows with the time the broker acknowledged them:
+// clock_timestamp(), not now(), which is the claim's start, before a produce
+// that may have waited seconds for the broker.
 func markPublished(ctx context.Context, tx pgx.Tx, ids []int64) error {
 	_, err := tx.Exec(ctx, `
-		UPDATE outbox SET published_at = now()
+		UPDATE outbox SET published_at = clock_timestamp()
 		WHERE id = ANY($1)`,
 		ids)
 	if err != nil {
