@@ -629,6 +629,9 @@ func TestShutdownAnswersRequestsInFlight(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
 	env := childEnvFor(dbURL, b)
+	// Each request its own transaction, so that every held request shows
+	// as a lock waiter in pg_stat_activity: then all are inside the handler.
+	env["CREATE_BATCH_MAX"], env["CREATE_WRITERS"] = "1", "8"
 	c := startChild(t, env)
 	c.waitReady(t)
 	user := newUser()
@@ -662,10 +665,8 @@ func TestShutdownAnswersRequestsInFlight(t *testing.T) {
 			answers[i] = resp.Status
 		})
 	}
-	// Both order writers (CREATE_WRITERS=2) wait on a held key; the other
-	// requests queue for them inside the handler.
-	waitFor(t, 5*time.Second, "the requests waiting on the held keys", func() bool {
-		return count(t, dbURL, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`) == 2
+	waitFor(t, 5*time.Second, "every request waiting on its held key", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'`) == k
 	})
 	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
