@@ -58,6 +58,19 @@ func (c *kafkaCluster) broker() *broker {
 	return &broker{addrs: c.addrs, prefix: "t" + randomHex(4) + "."}
 }
 
+// serviceOn starts the service on the cluster, with topics of its own, and
+// returns once a first order is on pay-order: topics, leaders and the
+// producer are up.
+func (c *kafkaCluster) serviceOn(t *testing.T) (*broker, string, *service, string) {
+	t.Helper()
+	b := c.broker()
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 30*time.Second)
+	return b, dbURL, s, user
+}
+
 // leaderOf returns the node leading partition 0 of topic.
 func leaderOf(t *testing.T, b *broker, topic string) int32 {
 	t.Helper()
@@ -87,11 +100,7 @@ func TestClusterFailures(t *testing.T) {
 	c := startKafkaCluster(t)
 
 	t.Run("kill -9 the leader while orders are created", func(t *testing.T) {
-		b := c.broker()
-		dbURL := newSchema(t)
-		s := startService(t, serviceEnv(dbURL, b))
-		user := newUser()
-		readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 30*time.Second)
+		b, dbURL, s, user := c.serviceOn(t)
 		leader := leaderOf(t, b, b.topic(topicPayOrder))
 
 		// A steady 50 orders/s for 6 s; the leader dies after 2 s.
@@ -118,11 +127,7 @@ func TestClusterFailures(t *testing.T) {
 	})
 
 	t.Run("the whole cluster stops and returns", func(t *testing.T) {
-		b := c.broker()
-		dbURL := newSchema(t)
-		s := startService(t, serviceEnv(dbURL, b))
-		user := newUser()
-		readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 30*time.Second)
+		b, dbURL, s, user := c.serviceOn(t)
 		c.run(t, "stop", c.dir)
 		var ids []string
 		for range 50 {

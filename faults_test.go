@@ -462,15 +462,25 @@ func (p *tcpProxy) serve() {
 	}
 }
 
-func (p *tcpProxy) pipe(c net.Conn) {
+// connect dials PostgreSQL for client c and tracks the connection, so that
+// set can cut it; on failure it closes c.
+func (p *tcpProxy) connect(c net.Conn) (net.Conn, bool) {
 	up, err := p.target()
 	if err != nil {
 		c.Close()
-		return
+		return nil, false
 	}
 	p.mu.Lock()
 	p.conns[up] = true
 	p.mu.Unlock()
+	return up, true
+}
+
+func (p *tcpProxy) pipe(c net.Conn) {
+	up, ok := p.connect(c)
+	if !ok {
+		return
+	}
 	go func() { io.Copy(up, c); up.Close() }()
 	io.Copy(c, up)
 	c.Close()

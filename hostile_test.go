@@ -361,14 +361,10 @@ func newCommitDelayProxy(t testing.TB, schema string) (*commitDelayProxy, string
 // is a type byte and a length) and, on a simple-protocol COMMIT, delays what
 // the server sends back on that connection.
 func (p *commitDelayProxy) pipe(c net.Conn) {
-	up, err := p.target()
-	if err != nil {
-		c.Close()
+	up, ok := p.connect(c)
+	if !ok {
 		return
 	}
-	p.mu.Lock()
-	p.conns[up] = true
-	p.mu.Unlock()
 	var holdUntil atomic.Int64
 	go func() {
 		defer up.Close()
