@@ -14,7 +14,6 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -254,16 +253,7 @@ func TestClusterFailures(t *testing.T) {
 		for _, id := range ids {
 			produce(t, b, b.topic(topicPaymentResults), id, `{"order_id": "`+id+`", "status": "PAID"}`)
 		}
-		signalled := time.Now()
-		if err := one.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case <-one.done:
-		case <-time.After(20 * time.Second):
-			t.Fatal("still running 20s after SIGTERM")
-		}
-		took := time.Since(signalled)
+		took := one.sigterm(t, 20*time.Second)
 		t.Logf("SIGTERM during a rebalance: exit after %s (SHUTDOWN_TIMEOUT 5s)", took.Round(time.Millisecond))
 		if took > 5500*time.Millisecond || one.err != nil {
 			t.Errorf("exit after %s with %v; want status 0 within 5s", took, one.err)

@@ -95,6 +95,22 @@ func (c *child) kill(t testing.TB) {
 	<-c.done
 }
 
+// sigterm sends SIGTERM and waits for the exit, failing the test if none
+// comes within wait; it returns how long the exit took.
+func (c *child) sigterm(t testing.TB, wait time.Duration) time.Duration {
+	t.Helper()
+	signalled := time.Now()
+	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.done:
+	case <-time.After(wait):
+		t.Fatalf("still running %s after SIGTERM", wait)
+	}
+	return time.Since(signalled)
+}
+
 func childEnvFor(dbURL string, b *broker) map[string]string {
 	env := serviceEnv(dbURL, b)
 	env["HTTP_ADDR"] = "127.0.0.1:" + freePort()
@@ -776,16 +792,7 @@ func TestGracefulShutdownUnderLoad(t *testing.T) {
 		})
 	}
 	waitFor(t, 10*time.Second, "load running", func() bool { return ok.Load() > 50 })
-	signalled := time.Now()
-	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case <-c.done:
-	case <-time.After(15 * time.Second):
-		t.Fatal("no exit 15s after SIGTERM")
-	}
-	took := time.Since(signalled)
+	took := c.sigterm(t, 15*time.Second)
 	close(stop)
 	wg.Wait()
 	if c.err != nil {

@@ -46,14 +46,6 @@ func produceRecords(t testing.TB, b *broker, recs ...*kgo.Record) {
 	}
 }
 
-func headerMap(r *kgo.Record) map[string]string {
-	h := map[string]string{}
-	for _, kv := range r.Headers {
-		h[kv.Key] = string(kv.Value)
-	}
-	return h
-}
-
 // A hostile Payment Service, all on one partition, ahead of a valid result:
 // every record is applied or dead-lettered, and the valid one behind them all
 // is applied.
@@ -514,16 +506,7 @@ func TestShutdownEndsWithinBudget(t *testing.T) {
 	const budget = 3 * time.Second
 	sigterm := func(t *testing.T, c *child) time.Duration {
 		t.Helper()
-		start := time.Now()
-		if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
-			t.Fatal(err)
-		}
-		select {
-		case <-c.done:
-		case <-time.After(budget + 10*time.Second):
-			t.Fatalf("still running %s after SIGTERM", budget+10*time.Second)
-		}
-		took := time.Since(start)
+		took := c.sigterm(t, budget+10*time.Second)
 		if c.err != nil {
 			t.Errorf("exit: %v, want status 0", c.err)
 		}

@@ -879,6 +879,15 @@ func waitCommitted(t testing.TB, b *broker) {
 	})
 }
 
+// headerMap is a record's headers by key.
+func headerMap(r *kgo.Record) map[string]string {
+	h := map[string]string{}
+	for _, kv := range r.Headers {
+		h[kv.Key] = string(kv.Value)
+	}
+	return h
+}
+
 // readTopicNow returns every record currently in topic.
 func readTopicNow(t testing.TB, b *broker, topic string) []*kgo.Record {
 	t.Helper()
@@ -931,10 +940,7 @@ func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
 		t.Fatalf("DLQ has %d records, want %d", len(dlq), len(poison))
 	}
 	for i, r := range dlq {
-		h := map[string]string{}
-		for _, kv := range r.Headers {
-			h[kv.Key] = string(kv.Value)
-		}
+		h := headerMap(r)
 		if string(r.Value) != poison[i] || string(r.Key) != o.ID {
 			t.Errorf("DLQ record %d: key %q value %q, want the original %q", i, r.Key, r.Value, poison[i])
 		}
