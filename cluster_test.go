@@ -61,10 +61,18 @@ func (c *kafkaCluster) broker() *broker {
 // returns once a first order is on pay-order: topics, leaders and the
 // producer are up.
 func (c *kafkaCluster) serviceOn(t *testing.T) (*broker, string, *service, string) {
+	return c.serviceOnEnv(t, nil)
+}
+
+func (c *kafkaCluster) serviceOnEnv(t *testing.T, extra map[string]string) (*broker, string, *service, string) {
 	t.Helper()
 	b := c.broker()
 	dbURL := newSchema(t)
-	s := startService(t, serviceEnv(dbURL, b))
+	env := serviceEnv(dbURL, b)
+	for k, v := range extra {
+		env[k] = v
+	}
+	s := startService(t, env)
 	user := newUser()
 	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 30*time.Second)
 	return b, dbURL, s, user
@@ -125,67 +133,13 @@ func TestClusterFailures(t *testing.T) {
 		c.run(t, "restart", fmt.Sprint(leader), c.dir)
 	})
 
-	t.Run("the whole cluster stops and returns", func(t *testing.T) {
-		b, dbURL, s, user := c.serviceOn(t)
-		c.run(t, "stop", c.dir)
-		var ids []string
-		for range 50 {
-			start := time.Now()
-			ids = append(ids, s.createOrder(t, user, 2).ID)
-			if d := time.Since(start); d > time.Second {
-				t.Errorf("POST took %s with the cluster down", d)
-			}
-		}
-		// An outage of some seconds, so that the relay is well into its
-		// backoff when the cluster returns: the outage itself is the test.
-		time.Sleep(5 * time.Second)
-		// "Answering again": the first moment a client of the test can
-		// write to some partition of pay-order with acks=all, probed every
-		// 50ms (the probes are not orders: readPayOrders passes them by).
-		answered := make(chan time.Time, 1)
-		go func() {
-			for {
-				// A new client each time: nothing it learned while the
-				// cluster was down can slow it.
-				probe, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.RecordRetries(0), kgo.DisableIdempotentWrite(),
-					kgo.RecordPartitioner(kgo.ManualPartitioner()))
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-				var recs []*kgo.Record
-				for p := range int32(3) {
-					recs = append(recs, &kgo.Record{Topic: b.topic(topicPayOrder), Partition: p, Value: []byte(`{"probe": true}`)})
-				}
-				results := probe.ProduceSync(ctx, recs...)
-				cancel()
-				probe.Close()
-				for _, r := range results {
-					if r.Err == nil {
-						answered <- time.Now()
-						return
-					}
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
-		}()
-		c.run(t, "start", "3", c.dir)
-		readPayOrders(t, b, ids, 60*time.Second)
-		waitFor(t, 10*time.Second, "the events marked published", func() bool {
-			return count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = ANY($1) AND published_at IS NULL`, ids) == 0
+	// With a 1s produce deadline the relay spends the outage in its backoff
+	// (up to 5s); with the default 10s it is inside a produce try.
+	for _, produceTimeout := range []string{"1s", "10s"} {
+		t.Run("the whole cluster stops and returns, produce timeout "+produceTimeout, func(t *testing.T) {
+			wholeClusterReturns(t, c, produceTimeout)
 		})
-		back := <-answered
-		var first time.Time
-		if err := schemaPool(t, dbURL).QueryRow(context.Background(),
-			`SELECT min(published_at) FROM outbox WHERE key = ANY($1)`, ids).Scan(&first); err != nil {
-			t.Fatal(err)
-		}
-		t.Logf("cluster back: first of 50 events published %s after it answered a producer again", first.Sub(back).Round(time.Millisecond))
-		if d := first.Sub(back); d > time.Second {
-			t.Errorf("first event published %s after the cluster answered again, want within 1s", d.Round(time.Millisecond))
-		}
-	})
+	}
 
 	t.Run("a rebalance while results flow", func(t *testing.T) {
 		b := c.broker()
@@ -308,4 +262,69 @@ func TestStaticMemberRestartsWithoutWaitingForTheSession(t *testing.T) {
 	restarted := time.Now()
 	applied(c2.url) // within 20 s, a third of the session timeout
 	t.Logf("static member restarted after SIGKILL: a result applied %s after it was ready", time.Since(restarted).Round(time.Millisecond))
+}
+
+// wholeClusterReturns stops every node, creates 50 orders, keeps the cluster
+// down for 10s and starts it again: every event is published, the first
+// within 1s of the cluster taking a write again.
+func wholeClusterReturns(t *testing.T, c *kafkaCluster, produceTimeout string) {
+	b, dbURL, s, user := c.serviceOnEnv(t, map[string]string{"RELAY_PRODUCE_TIMEOUT": produceTimeout})
+	c.run(t, "stop", c.dir)
+	var ids []string
+	for range 50 {
+		start := time.Now()
+		ids = append(ids, s.createOrder(t, user, 2).ID)
+		if d := time.Since(start); d > time.Second {
+			t.Errorf("POST took %s with the cluster down", d)
+		}
+	}
+	// An outage of some seconds, so that the relay is well into its
+	// backoff when the cluster returns: the outage itself is the test.
+	time.Sleep(10 * time.Second)
+	// "Answering again": the first moment a client of the test can
+	// write to some partition of pay-order with acks=all, probed every
+	// 50ms (the probes are not orders: readPayOrders passes them by).
+	answered := make(chan time.Time, 1)
+	go func() {
+		for {
+			// A new client each time: nothing it learned while the
+			// cluster was down can slow it.
+			probe, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.RecordRetries(0), kgo.DisableIdempotentWrite(),
+				kgo.RecordPartitioner(kgo.ManualPartitioner()))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+			var recs []*kgo.Record
+			for p := range int32(3) {
+				recs = append(recs, &kgo.Record{Topic: b.topic(topicPayOrder), Partition: p, Value: []byte(`{"probe": true}`)})
+			}
+			results := probe.ProduceSync(ctx, recs...)
+			cancel()
+			probe.Close()
+			for _, r := range results {
+				if r.Err == nil {
+					answered <- time.Now()
+					return
+				}
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	c.run(t, "start", "3", c.dir)
+	readPayOrders(t, b, ids, 60*time.Second)
+	waitFor(t, 10*time.Second, "the events marked published", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = ANY($1) AND published_at IS NULL`, ids) == 0
+	})
+	back := <-answered
+	var first time.Time
+	if err := schemaPool(t, dbURL).QueryRow(context.Background(),
+		`SELECT min(published_at) FROM outbox WHERE key = ANY($1)`, ids).Scan(&first); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("cluster back: first of 50 events published %s after it answered a producer again", first.Sub(back).Round(time.Millisecond))
+	if d := first.Sub(back); d > time.Second {
+		t.Errorf("first event published %s after the cluster answered again, want within 1s", d.Round(time.Millisecond))
+	}
 }

@@ -16,6 +16,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"regexp"
 	"runtime"
 	"strconv"
 	"strings"
@@ -26,6 +27,7 @@ import (
 	"time"
 
 	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 	"github.com/twmb/franz-go/pkg/kmsg"
 )
@@ -416,6 +418,66 @@ func TestStalledBrokerDoesNotHoldOutboxLocks(t *testing.T) {
 	stalled.Store(false)
 	readPayOrders(t, b, []string{o.ID}, 20*time.Second)
 	waitDrained(t, dbURL)
+}
+
+// A broker that answers every ping but takes no write (each produce refused
+// with a retriable error) drives the relay deep into its backoff without ever
+// looking down. The moment it takes writes again, the first event leaves
+// within 1s, not after the backoff: a failed produce is itself the sign that
+// the broker was down (the same holds when a whole cluster returns just as a
+// produce gives up, seen against Apache Kafka in the cluster tests).
+func TestRelayPublishesSoonAfterBrokerTakesWritesAgain(t *testing.T) {
+	b, dbURL, s, user := startWithBrokerFaults(t)
+	var refusing atomic.Bool
+	refusing.Store(true)
+	b.cluster.ControlKey(kmsg.Produce.Int16(), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		if !refusing.Load() {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		return refuseProduce(req.(*kmsg.ProduceRequest), kerr.NotEnoughReplicas), nil, true
+	})
+	o := s.createOrder(t, user, 2)
+	retryIn := regexp.MustCompile(`relay: publish failed.* retry_in=(\S+)`)
+	waitFor(t, 30*time.Second, "a relay backoff of 1.5s or more", func() bool {
+		for _, m := range retryIn.FindAllStringSubmatch(s.logs.String(), -1) {
+			if d, err := time.ParseDuration(m[1]); err == nil && d >= 1500*time.Millisecond {
+				return true
+			}
+		}
+		return false
+	})
+	refusing.Store(false)
+	accepting := time.Now()
+	readPayOrders(t, b, []string{o.ID}, 10*time.Second)
+	waitDrained(t, dbURL)
+	var published time.Time
+	if err := schemaPool(t, dbURL).QueryRow(context.Background(),
+		`SELECT published_at FROM outbox WHERE key = $1`, o.ID).Scan(&published); err != nil {
+		t.Fatal(err)
+	}
+	d := published.Sub(accepting)
+	t.Logf("published %s after the broker took writes again, the relay in a backoff of 1.5s or more", d.Round(time.Millisecond))
+	if d > time.Second {
+		t.Errorf("published %s after the broker took writes again, want within 1s", d.Round(time.Millisecond))
+	}
+}
+
+// refuseProduce answers every partition of req with code.
+func refuseProduce(req *kmsg.ProduceRequest, code *kerr.Error) *kmsg.ProduceResponse {
+	resp := req.ResponseKind().(*kmsg.ProduceResponse)
+	for _, rt := range req.Topics {
+		st := kmsg.NewProduceResponseTopic()
+		st.Topic = rt.Topic
+		for _, rp := range rt.Partitions {
+			sp := kmsg.NewProduceResponseTopicPartition()
+			sp.Partition = rp.Partition
+			sp.ErrorCode = code.Code
+			st.Partitions = append(st.Partitions, sp)
+		}
+		resp.Topics = append(resp.Topics, st)
+	}
+	return resp
 }
 
 // 3. Database outage.

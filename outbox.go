@@ -5,12 +5,14 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -75,7 +77,7 @@ func (r *relay) run(ctx, abort context.Context) {
 			d := backoff(failures)
 			r.log.WarnContext(ctx, "relay: publish failed, retrying", "err", err, "retry_in", d)
 			r.metrics.publishErrors.Add(1)
-			if r.pause(ctx, d) {
+			if r.pause(ctx, d, brokerUnavailable(err)) {
 				failures = 0 // a new start: the broker is back
 			}
 			continue
@@ -130,7 +132,7 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	if err != nil {
 		// Rolling back releases the rows for the next try. Records of this
 		// batch that did reach the broker will be sent again: at least once.
-		return 0, fmt.Errorf("produce %d records: %w", len(recs), err)
+		return 0, fmt.Errorf("produce %d records: %w", len(recs), produceError{err})
 	}
 	// A crash from here to Commit repeats the batch on the next claim; the
 	// consumer of pay-order dedupes on event_id.
@@ -144,16 +146,41 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	return len(claimed), nil
 }
 
+// produceError marks a batch that failed at the broker, not at the database.
+type produceError struct{ err error }
+
+func (e produceError) Error() string { return e.err.Error() }
+func (e produceError) Unwrap() error { return e.err }
+
+// brokerUnavailable says a batch failed because the cluster did not take it
+// (unreachable, no leader, too few replicas, out of time), not because of
+// the database or of what the records are: a broker refusal that retrying
+// cannot cure (too large, not authorized) is the records' problem.
+func brokerUnavailable(err error) bool {
+	var pe produceError
+	if !errors.As(err, &pe) {
+		return false
+	}
+	var ke *kerr.Error
+	return !errors.As(err, &ke) || ke.Retriable
+}
+
 // pause waits d after a failed batch, but no longer than it takes a broker
 // that stopped answering to answer again: the backlog of an outage leaves
 // within a second of the cluster's return, not after the backoff. It asks
-// every 200ms (an ApiVersions request); a broker that answers all along (the
-// failure was elsewhere) gets the whole backoff. back says the broker
-// returned.
-func (r *relay) pause(ctx context.Context, d time.Duration) (back bool) {
+// every 200ms (an ApiVersions request). down says the failure was the
+// broker's: then its first answer after the first step ends the pause, even
+// if it answers all along (the cluster may have returned while the produce
+// was failing, or a partition may be waiting for a leader: the next try
+// waits for that, within its own deadline). The first step is kept so that
+// a produce that fails at once is not retried in a tight loop. Otherwise
+// (the database failed) only a broker seen down and then answering ends the
+// pause early. back says the broker was seen to return.
+func (r *relay) pause(ctx context.Context, d time.Duration, down bool) (back bool) {
 	const every = 200 * time.Millisecond
-	until := time.Now().Add(d)
-	down := false
+	start := time.Now()
+	until := start.Add(d)
+	seenDown := false
 	for ctx.Err() == nil {
 		left := time.Until(until)
 		if left <= 0 {
@@ -165,9 +192,11 @@ func (r *relay) pause(ctx context.Context, d time.Duration) (back bool) {
 		cancel()
 		switch {
 		case err != nil:
-			down = true
-		case down:
+			down, seenDown = true, true
+		case seenDown:
 			return true
+		case down && time.Since(start) >= every:
+			return false
 		}
 		sleep(ctx, time.Until(step))
 	}
