@@ -1,0 +1,635 @@
+package main
+
+// http.go is the HTTP API: every route in one place, the handlers, input
+// validation, problem details, the page cursor, the ids it hands out, and
+// the -healthcheck probe.
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	_ "embed"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+// The API and event contracts, served at /openapi.yaml and /asyncapi.yaml.
+var (
+	//go:embed openapi.yaml
+	openapiYAML []byte
+	//go:embed asyncapi.yaml
+	asyncapiYAML []byte
+)
+
+// newServer builds the HTTP handler: every route, then the middleware.
+func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
+	m *metrics, stopStreams <-chan struct{}) http.Handler {
+	mux := http.NewServeMux()
+	addRoutes(mux, log, db, kafka, notes, orders, m, stopStreams)
+	return m.instrument(recoverPanics(log, routeProblems(mux)))
+}
+
+// routeProblems answers the mux's own 404 (no route) and 405 (wrong method,
+// with its Allow header) as problem+json, like every other error.
+func routeProblems(mux *http.ServeMux) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if _, pattern := mux.Handler(r); pattern == "" {
+			w = &problemWriter{ResponseWriter: w, r: r}
+		}
+		mux.ServeHTTP(w, r)
+	})
+}
+
+// problemWriter replaces the mux's text/plain error body with a problem.
+type problemWriter struct {
+	http.ResponseWriter
+	r       *http.Request
+	problem bool
+}
+
+func (w *problemWriter) WriteHeader(code int) {
+	if code < 400 {
+		w.ResponseWriter.WriteHeader(code)
+		return
+	}
+	w.problem = true
+	detail := fmt.Sprintf("no route for %s %s", w.r.Method, w.r.URL.Path)
+	if code == http.StatusMethodNotAllowed {
+		detail = fmt.Sprintf("%s is not allowed on %s; allowed: %s", w.r.Method, w.r.URL.Path, w.Header().Get("Allow"))
+	}
+	w.Header().Del("Content-Length")
+	writeProblem(w.ResponseWriter, code, detail)
+}
+
+func (w *problemWriter) Write(b []byte) (int, error) {
+	if w.problem {
+		return len(b), nil // the mux's text body, replaced
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+// router is what addRoutes needs of a mux; the tests pass one that records
+// the patterns, to hold openapi.yaml to them.
+type router interface {
+	Handle(pattern string, handler http.Handler)
+}
+
+// addRoutes is the whole API surface in one place.
+func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
+	m *metrics, stopStreams <-chan struct{}) {
+	mux.Handle("POST /orders", handleCreateOrder(log, orders, m))
+	mux.Handle("GET /orders", handleListOrders(log, db))
+	mux.Handle("GET /orders/{id}", handleGetOrder(log, db))
+	mux.Handle("GET /orders/{id}/events", handleOrderEvents(log, db, notes, stopStreams))
+	mux.Handle("GET /healthz", handleHealthz())
+	mux.Handle("GET /readyz", handleReadyz(db, kafka))
+	mux.Handle("GET /metrics", handleMetrics(m, func(ctx context.Context) (outboxStats, error) {
+		return getOutboxStats(ctx, db)
+	}))
+	mux.Handle("GET /openapi.yaml", handleFile("application/yaml", openapiYAML))
+	mux.Handle("GET /asyncapi.yaml", handleFile("application/yaml", asyncapiYAML))
+}
+
+const (
+	maxBodyBytes     = 1 << 20
+	maxDescription   = 1000
+	maxUserID        = 128
+	maxIdempotency   = 255
+	defaultPageSize  = 50
+	maxPageSize      = 500
+	requestDBTimeout = 3 * time.Second
+)
+
+type createOrderRequest struct {
+	Amount      *int64  `json:"amount"`
+	Description *string `json:"description"`
+}
+
+func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, ok := requireUser(w, r)
+		if !ok {
+			return
+		}
+		var idemKey *string
+		if vals := r.Header.Values("Idempotency-Key"); len(vals) > 0 {
+			k := vals[0]
+			if len(vals) > 1 || !printable(k, maxIdempotency) {
+				writeProblem(w, http.StatusBadRequest, fmt.Sprintf("Idempotency-Key must be one header of 1 to %d printable characters", maxIdempotency))
+				return
+			}
+			idemKey = &k
+		}
+		req, p := decodeOrderInput(http.MaxBytesReader(w, r.Body, maxBodyBytes))
+		if p != nil {
+			writeProblem(w, p.Status, p.Detail)
+			return
+		}
+		desc := req.Description
+
+		h := sha256.New()
+		binary.Write(h, binary.BigEndian, req.Amount) //nolint:errcheck // hashes never fail
+		h.Write([]byte(desc))
+		in := newOrder{ID: newUUID(), UserID: userID, Amount: req.Amount, Description: desc,
+			IdempotencyKey: idemKey, RequestHash: h.Sum(nil)}
+
+		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+		defer cancel()
+		res, err := orders.create(ctx, in)
+		order, created := res.Order, res.Created
+		switch {
+		case errors.Is(err, errIdempotencyConflict):
+			writeProblem(w, http.StatusConflict, "this Idempotency-Key was already used with a different request body")
+			return
+		case err != nil:
+			writeDBError(w, r, log, err)
+			return
+		}
+		if !created {
+			writeJSON(w, http.StatusOK, order)
+			return
+		}
+		m.ordersCreated.Add(1)
+		log.InfoContext(ctx, "order created", "order_id", order.ID, "user_id", order.UserID, "amount", order.Amount)
+		w.Header().Set("Location", "/orders/"+order.ID)
+		writeJSON(w, http.StatusCreated, order)
+	})
+}
+
+type orderPage struct {
+	Orders     []Order `json:"orders"`
+	NextCursor string  `json:"next_cursor,omitempty"`
+}
+
+func handleListOrders(log *slog.Logger, db *pgxpool.Pool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, ok := requireUser(w, r)
+		if !ok {
+			return
+		}
+		q, err := url.ParseQuery(r.URL.RawQuery)
+		if err != nil {
+			writeProblem(w, http.StatusBadRequest, "malformed query string: "+err.Error())
+			return
+		}
+		limit := defaultPageSize
+		if v := q.Get("limit"); v != "" {
+			n, err := strconv.Atoi(v)
+			if err != nil || n < 1 || n > maxPageSize {
+				writeProblem(w, http.StatusBadRequest, fmt.Sprintf("limit must be an integer from 1 to %d", maxPageSize))
+				return
+			}
+			limit = n
+		}
+		after := firstPage
+		if v := q.Get("cursor"); v != "" {
+			k, err := decodeCursor(v)
+			if err != nil {
+				writeProblem(w, http.StatusBadRequest, "cursor is not one this service issued")
+				return
+			}
+			after = k
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+		defer cancel()
+		// One row more than asked tells whether another page follows.
+		orders, err := listOrders(ctx, db, userID, after, limit+1)
+		if err != nil {
+			writeDBError(w, r, log, err)
+			return
+		}
+		page := orderPage{Orders: orders}
+		if len(orders) > limit {
+			page.Orders = orders[:limit]
+			last := page.Orders[limit-1]
+			page.NextCursor = encodeCursor(pageKey{CreatedAt: last.CreatedAt, ID: last.ID})
+		}
+		writeJSON(w, http.StatusOK, page)
+	})
+}
+
+func handleGetOrder(log *slog.Logger, db *pgxpool.Pool) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, id, ok := requireUserAndOrderID(w, r)
+		if !ok {
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+		defer cancel()
+		order, err := getOrder(ctx, db, userID, id)
+		switch {
+		case errors.Is(err, errNotFound):
+			writeProblem(w, http.StatusNotFound, "no order "+id)
+		case err != nil:
+			writeDBError(w, r, log, err)
+		default:
+			writeJSON(w, http.StatusOK, order)
+		}
+	})
+}
+
+// handleOrderEvents streams an order's status as Server-Sent Events: the
+// current state at once, then each change, ending after PAID or FAILED. The
+// change may be applied by any replica: it arrives through the NOTIFY that
+// applyPaymentResults sends.
+func handleOrderEvents(log *slog.Logger, db *pgxpool.Pool, notes *notifier, stop <-chan struct{}) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		userID, id, ok := requireUserAndOrderID(w, r)
+		if !ok {
+			return
+		}
+		// Subscribe before the first read, so that a change committed in
+		// between still wakes us.
+		changed, unsubscribe := notes.subscribe(statusChannel, id)
+		defer unsubscribe()
+		read := func() (Order, error) {
+			ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
+			defer cancel()
+			return getOrder(ctx, db, userID, id)
+		}
+		order, err := read()
+		switch {
+		case errors.Is(err, errNotFound):
+			writeProblem(w, http.StatusNotFound, "no order "+id)
+			return
+		case err != nil:
+			writeDBError(w, r, log, err)
+			return
+		}
+
+		rc := http.NewResponseController(w)
+		_ = rc.SetWriteDeadline(time.Time{}) // the stream outlives the server's WriteTimeout
+		w.Header().Set("Content-Type", "text/event-stream")
+		w.Header().Set("Cache-Control", "no-cache")
+		w.Header().Set("X-Accel-Buffering", "no") // proxies must not buffer the stream
+		w.WriteHeader(http.StatusOK)
+		keepAlive := time.NewTicker(15 * time.Second)
+		defer keepAlive.Stop()
+		sent := ""
+		for {
+			if order.Status != sent {
+				b, _ := json.Marshal(order)
+				if _, err := fmt.Fprintf(w, "event: status\ndata: %s\n\n", b); err != nil || rc.Flush() != nil {
+					return
+				}
+				sent = order.Status
+			}
+			if order.Status != "PENDING" {
+				return
+			}
+			select {
+			case <-r.Context().Done():
+				return
+			case <-stop:
+				return
+			case <-keepAlive.C:
+				// A comment line: keeps proxies from timing the stream
+				// out and finds clients that are gone.
+				if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil || rc.Flush() != nil {
+					return
+				}
+				continue
+			case <-changed:
+			}
+			if order, err = read(); err != nil {
+				if r.Context().Err() == nil {
+					log.WarnContext(r.Context(), "order events: read failed", "order_id", id, "err", err)
+					fmt.Fprint(w, "event: error\ndata: {\"detail\": \"status unavailable; reconnect to resume\"}\n\n")
+				}
+				return
+			}
+		}
+	})
+}
+
+func handleFile(contentType string, content []byte) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", contentType)
+		w.Write(content) //nolint:errcheck // the client is gone
+	})
+}
+
+func handleHealthz() http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
+}
+
+// handleReadyz reports whether this instance can do its work: a load balancer
+// should stop sending it orders while either dependency is unreachable, or
+// while the database takes no writes (a failover in progress).
+func handleReadyz(db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
+		defer cancel()
+		checks := map[string]string{"database": "ok", "kafka": "ok"}
+		code := http.StatusOK
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		check := func(name string, ping func(context.Context) error) {
+			if err := ping(ctx); err != nil {
+				mu.Lock()
+				checks[name], code = "unavailable: "+err.Error(), http.StatusServiceUnavailable
+				mu.Unlock()
+			}
+		}
+		wg.Go(func() { check("database", func(ctx context.Context) error { return checkWritable(ctx, db) }) })
+		wg.Go(func() { check("kafka", kafka.Ping) })
+		wg.Wait()
+		writeJSON(w, code, checks)
+	})
+}
+
+// requireUser reads X-User-Id. Authentication happens upstream (a gateway);
+// this service trusts the header but still bounds what it stores.
+func requireUser(w http.ResponseWriter, r *http.Request) (string, bool) {
+	vals := r.Header.Values("X-User-Id")
+	if len(vals) == 0 || vals[0] == "" {
+		writeProblem(w, http.StatusUnauthorized, "the X-User-Id header is required")
+		return "", false
+	}
+	if len(vals) > 1 || !printable(vals[0], maxUserID) {
+		writeProblem(w, http.StatusBadRequest, fmt.Sprintf("X-User-Id must be one header of 1 to %d printable characters", maxUserID))
+		return "", false
+	}
+	return vals[0], true
+}
+
+// requireUserAndOrderID reads X-User-Id and the {id} of /orders/{id}.
+func requireUserAndOrderID(w http.ResponseWriter, r *http.Request) (userID, id string, ok bool) {
+	if userID, ok = requireUser(w, r); !ok {
+		return "", "", false
+	}
+	id = strings.ToLower(r.PathValue("id"))
+	if !isUUID(id) {
+		writeProblem(w, http.StatusBadRequest, "order id must be a UUID")
+		return "", "", false
+	}
+	return userID, id, true
+}
+
+func printable(s string, maxChars int) bool {
+	if s == "" || !utf8.ValidString(s) || utf8.RuneCountInString(s) > maxChars {
+		return false
+	}
+	for _, c := range s {
+		if !unicode.IsPrint(c) {
+			return false
+		}
+	}
+	return true
+}
+
+// orderInput is a validated POST /orders body.
+type orderInput struct {
+	Amount      int64
+	Description string
+}
+
+// decodeOrderInput reads and validates a POST /orders body; a non-nil problem
+// says what is wrong with it (400, or 413 past maxBodyBytes).
+func decodeOrderInput(body io.Reader) (orderInput, *problem) {
+	b, err := io.ReadAll(body)
+	if err != nil {
+		return orderInput{}, decodeProblem(err)
+	}
+	if !utf8.Valid(b) {
+		// encoding/json would quietly turn bad bytes into U+FFFD, and the
+		// stored description would differ from what the client sent.
+		return orderInput{}, badRequest("request body is not valid UTF-8")
+	}
+	req, err := decodeJSON[createOrderRequest](bytes.NewReader(b))
+	if err != nil {
+		return orderInput{}, decodeProblem(err)
+	}
+	switch {
+	case req.Amount == nil:
+		return orderInput{}, badRequest("amount is required")
+	case *req.Amount <= 0:
+		return orderInput{}, badRequest("amount must be a positive integer (minor units)")
+	}
+	var desc string
+	if req.Description != nil {
+		desc = *req.Description
+	}
+	if n := utf8.RuneCountInString(desc); n > maxDescription {
+		return orderInput{}, badRequest(fmt.Sprintf("description is %d characters long; at most %d are allowed", n, maxDescription))
+	}
+	if strings.ContainsRune(desc, 0) {
+		// PostgreSQL text cannot hold NUL.
+		return orderInput{}, badRequest("description must not contain NUL characters")
+	}
+	return orderInput{Amount: *req.Amount, Description: desc}, nil
+}
+
+// decodeJSON reads exactly one JSON value with no unknown fields.
+func decodeJSON[T any](body io.Reader) (T, error) {
+	var v T
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&v); err != nil {
+		return v, err
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return v, errors.New("request body must hold a single JSON object")
+	}
+	return v, nil
+}
+
+func badRequest(detail string) *problem {
+	return &problem{Status: http.StatusBadRequest, Detail: detail}
+}
+
+// decodeProblem explains a decoding error in the client's terms.
+func decodeProblem(err error) *problem {
+	var (
+		mbe *http.MaxBytesError
+		se  *json.SyntaxError
+		te  *json.UnmarshalTypeError
+	)
+	switch {
+	case errors.As(err, &mbe):
+		return &problem{Status: http.StatusRequestEntityTooLarge, Detail: fmt.Sprintf("request body is larger than %d bytes", mbe.Limit)}
+	case errors.Is(err, io.EOF):
+		return badRequest("request body is empty; want a JSON object such as {\"amount\": 1000}")
+	case errors.As(err, &se), errors.Is(err, io.ErrUnexpectedEOF):
+		return badRequest("request body is not valid JSON: " + err.Error())
+	case errors.As(err, &te) && te.Field == "amount":
+		return badRequest(fmt.Sprintf("amount must be an integer from 1 to %d (minor units), got %s", int64(1<<63-1), te.Value))
+	case errors.As(err, &te) && te.Field != "":
+		return badRequest(fmt.Sprintf("%s must be a %s, got %s", te.Field, te.Type, te.Value))
+	case errors.As(err, &te):
+		return badRequest("request body must be a JSON object, got " + te.Value)
+	default:
+		// Unknown fields and trailing data; the decoder's text names the field.
+		return badRequest(strings.TrimPrefix(err.Error(), "json: "))
+	}
+}
+
+// writeDBError answers 503 with Retry-After when the failure is transient
+// (the database unreachable, read-only, too slow, or a conflict with another
+// transaction: the client may retry) and 500 for anything else, which is a
+// bug: requests are validated before they reach the database.
+func writeDBError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
+	if errors.Is(r.Context().Err(), context.Canceled) {
+		return // the client went away
+	}
+	if dbTransient(err) {
+		log.WarnContext(r.Context(), "database unavailable", "route", r.Pattern, "err", err)
+		w.Header().Set("Retry-After", "1")
+		detail := "the database is unavailable; retry later"
+		if errors.Is(err, errCommitOutcomeUnknown) {
+			detail = "the database did not confirm whether the order was stored; retry with the same Idempotency-Key, " +
+				"or list your orders before retrying without one"
+		}
+		writeProblem(w, http.StatusServiceUnavailable, detail)
+		return
+	}
+	log.ErrorContext(r.Context(), "request failed", "route", r.Pattern, "err", err)
+	writeProblem(w, http.StatusInternalServerError, "internal error")
+}
+
+// problem is an RFC 9457 problem details object.
+type problem struct {
+	Type   string `json:"type"`
+	Title  string `json:"title"`
+	Status int    `json:"status"`
+	Detail string `json:"detail"`
+}
+
+func writeProblem(w http.ResponseWriter, status int, detail string) {
+	w.Header().Set("Content-Type", "application/problem+json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(problem{Type: "about:blank", Title: http.StatusText(status), Status: status, Detail: detail}) //nolint:errcheck // the client is gone
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v) //nolint:errcheck // the client is gone
+}
+
+func recoverPanics(log *slog.Logger, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		defer func() {
+			if v := recover(); v != nil {
+				if v == http.ErrAbortHandler {
+					panic(v)
+				}
+				log.ErrorContext(r.Context(), "panic serving request", "route", r.Pattern, "panic", v)
+				writeProblem(w, http.StatusInternalServerError, "internal error")
+			}
+		}()
+		next.ServeHTTP(w, r)
+	})
+}
+
+// The cursor is opaque to clients: base64url of "<created_at µs>.<id>".
+func encodeCursor(k pageKey) string {
+	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(k.CreatedAt.UnixMicro(), 10) + "." + k.ID))
+}
+
+// minCursorMicros is year 1: no order is older, and PostgreSQL holds it.
+var minCursorMicros = time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC).UnixMicro()
+
+func decodeCursor(s string) (pageKey, error) {
+	b, err := base64.RawURLEncoding.DecodeString(s)
+	if err != nil {
+		return pageKey{}, err
+	}
+	ts, id, ok := strings.Cut(string(b), ".")
+	us, err := strconv.ParseInt(ts, 10, 64)
+	if !ok || err != nil || !isUUID(id) {
+		return pageKey{}, errors.New("malformed cursor")
+	}
+	if us < minCursorMicros || us > firstPage.CreatedAt.UnixMicro() {
+		// Outside PostgreSQL's timestamp range it would fail as 22008.
+		return pageKey{}, errors.New("cursor out of range")
+	}
+	return pageKey{CreatedAt: time.UnixMicro(us).UTC(), ID: id}, nil
+}
+
+// newUUID returns a version 7 UUID: time-ordered, so new orders and events
+// land at the right edge of their indexes instead of at random pages.
+func newUUID() string {
+	var u [16]byte
+	binary.BigEndian.PutUint64(u[:8], uint64(time.Now().UnixMilli())<<16)
+	rand.Read(u[6:])
+	u[6] = u[6]&0x0f | 0x70 // version 7
+	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
+	var s [36]byte
+	hex.Encode(s[0:8], u[0:4])
+	s[8] = '-'
+	hex.Encode(s[9:13], u[4:6])
+	s[13] = '-'
+	hex.Encode(s[14:18], u[6:8])
+	s[18] = '-'
+	hex.Encode(s[19:23], u[8:10])
+	s[23] = '-'
+	hex.Encode(s[24:], u[10:])
+	return string(s[:])
+}
+
+// isUUID accepts the canonical lowercase 8-4-4-4-12 form only.
+func isUUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i, c := range []byte(s) {
+		switch i {
+		case 8, 13, 18, 23:
+			if c != '-' {
+				return false
+			}
+		default:
+			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
+				return false
+			}
+		}
+	}
+	return true
+}
+
+// healthcheck is `order-service -healthcheck`: a probe for container images
+// that have no curl. It exits 0 when /healthz answers 200.
+func healthcheck(getenv func(string) string) int {
+	addr := getenv("HTTP_ADDR")
+	if addr == "" {
+		addr = ":8081"
+	}
+	if strings.HasPrefix(addr, ":") {
+		addr = "127.0.0.1" + addr
+	}
+	cl := http.Client{Timeout: 3 * time.Second}
+	resp, err := cl.Get("http://" + addr + "/healthz")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "healthcheck:", err)
+		return 1
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		fmt.Fprintln(os.Stderr, "healthcheck: status", resp.Status)
+		return 1
+	}
+	return 0
+}
