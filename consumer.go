@@ -89,12 +89,17 @@ type consumer struct {
 // for marked records, and a record is marked only after the transaction that
 // applied it has committed: a crash in between redelivers the record, and the
 // conditional UPDATE makes that redelivery a no-op.
-func newConsumerClient(brokers []string, group, topic string, log *slog.Logger, extra ...kgo.Opt) (*kgo.Client, error) {
+func newConsumerClient(brokers []string, group, topic string, log *slog.Logger,
+	sessionTimeout time.Duration, instanceID string) (*kgo.Client, error) {
 	opts := []kgo.Opt{
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("order-service"),
 		kgo.ConsumerGroup(group),
 		kgo.ConsumeTopics(topic),
+		// A member that crashed holds its partitions until this timeout;
+		// a restarted replica waits that long for them, unless it has a
+		// static identity (KIP-345): then it takes them back at once.
+		kgo.SessionTimeout(sessionTimeout),
 		kgo.AutoCommitMarks(),
 		// Polls and rebalances exclude each other, so a commit never
 		// crosses a rebalance; run calls AllowRebalance after each poll.
@@ -112,7 +117,10 @@ func newConsumerClient(brokers []string, group, topic string, log *slog.Logger, 
 		// OnPartitionsLost is left alone: the partitions are someone
 		// else's already and a commit would fail or rewind theirs.
 	}
-	return kgo.NewClient(append(opts, extra...)...)
+	if instanceID != "" {
+		opts = append(opts, kgo.InstanceID(instanceID))
+	}
+	return kgo.NewClient(opts...)
 }
 
 // run consumes until ctx is cancelled, then commits what it applied, unless

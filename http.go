@@ -19,6 +19,7 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
+	_ "net/http/pprof" // served only on PPROF_ADDR (servePprof)
 	"net/url"
 	"os"
 	"strconv"
@@ -40,12 +41,39 @@ var (
 	asyncapiYAML []byte
 )
 
-// newServer builds the HTTP handler: every route, then the middleware.
+// newServer builds the HTTP server: every route, then the middleware, behind
+// the limits a public listener needs.
 func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
-	m *metrics, stopStreams <-chan struct{}) http.Handler {
+	m *metrics) *http.Server {
+	// Shutdown waits for requests in flight, but an event stream of a
+	// PENDING order could outlast it: streams end when shutdown begins.
+	stopStreams := make(chan struct{})
 	mux := http.NewServeMux()
 	addRoutes(mux, log, db, kafka, notes, orders, m, stopStreams)
-	return m.instrument(recoverPanics(log, routeProblems(mux)))
+	srv := &http.Server{
+		Handler:           m.instrument(recoverPanics(log, routeProblems(mux))),
+		ReadHeaderTimeout: 5 * time.Second, // slow-loris clients
+		ReadTimeout:       15 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       60 * time.Second,
+		MaxHeaderBytes:    64 << 10, // answers 431 past this
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	srv.RegisterOnShutdown(func() { close(stopStreams) })
+	return srv
+}
+
+// servePprof serves profiling on its own listener, never on the public mux;
+// the returned func closes it.
+func servePprof(addr string, log *slog.Logger) (closeFn func()) {
+	srv := &http.Server{Addr: addr, Handler: http.DefaultServeMux, ReadHeaderTimeout: 5 * time.Second}
+	go func() {
+		log.Info("pprof listening", "addr", addr)
+		if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+			log.Warn("pprof stopped", "err", err)
+		}
+	}()
+	return func() { srv.Close() }
 }
 
 // routeProblems answers the mux's own 404 (no route) and 405 (wrong method,

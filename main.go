@@ -10,8 +10,6 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"net/http"
-	_ "net/http/pprof" // served only on PPROF_ADDR
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -23,7 +21,6 @@ import (
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 func main() {
@@ -191,51 +188,19 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		log.Info("embedded kafka started", "addr", brokers[0], "data_dir", cfg.EmbeddedKafkaDir)
 	}
 
-	producer, err := kgo.NewClient(
-		kgo.SeedBrokers(brokers...),
-		kgo.ClientID("order-service"),
-		// acks=all and idempotent writes are kgo's defaults. This lets the
-		// relay's deadline fail even in-flight records, so a stalled
-		// broker cannot hold outbox row locks forever; the price is a
-		// possible duplicate, which at-least-once delivery allows anyway.
-		kgo.AllowIdempotentProduceCancellation(),
-		// While brokers are unreachable kgo fails a record only after a
-		// metadata refresh, and refreshes at most every MetadataMinAge (5s)
-		// with backoff up to 2.5s between tries: a 1s RELAY_PRODUCE_TIMEOUT
-		// took 4-7s, and a returned cluster was noticed as late. Refreshing
-		// at most four times a second and retrying within 250ms costs a few
-		// requests a second, only while something is failing.
-		kgo.MetadataMinAge(250*time.Millisecond),
-		kgo.RetryBackoffFn(func(tries int) time.Duration {
-			return jitter(min(250*time.Millisecond, 25*time.Millisecond<<min(tries, 4)))
-		}),
-	)
+	producer, err := newProducerClient(brokers)
 	if err != nil {
 		return fmt.Errorf("kafka producer: %w", err)
 	}
 	defer closeBefore(&stopBy, producer.Close)
-	// A member that crashed holds its partitions until this timeout; a
-	// restarted replica waits that long for them, unless it has a static
-	// identity (KIP-345): then it takes its partitions back at once.
-	groupOpts := []kgo.Opt{kgo.SessionTimeout(cfg.SessionTimeout)}
-	if cfg.InstanceID != "" {
-		groupOpts = append(groupOpts, kgo.InstanceID(cfg.InstanceID))
-	}
-	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log, groupOpts...)
+	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log,
+		cfg.SessionTimeout, cfg.InstanceID)
 	if err != nil {
 		return fmt.Errorf("kafka consumer: %w", err)
 	}
 
 	if cfg.PprofAddr != "" {
-		// Profiling on its own listener, never on the public mux.
-		pprofSrv := &http.Server{Addr: cfg.PprofAddr, Handler: http.DefaultServeMux, ReadHeaderTimeout: 5 * time.Second}
-		defer pprofSrv.Close()
-		go func() {
-			log.Info("pprof listening", "addr", cfg.PprofAddr)
-			if err := pprofSrv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
-				log.Warn("pprof stopped", "err", err)
-			}
-		}()
+		defer servePprof(cfg.PprofAddr, log)()
 	}
 	ln, err := net.Listen("tcp", cfg.HTTPAddr)
 	if err != nil {
@@ -279,19 +244,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		})
 	}
 
-	// Shutdown waits for requests in flight, but an event stream of a
-	// PENDING order could outlast it: streams end when shutdown begins.
-	stopStreams := make(chan struct{})
-	srv := &http.Server{
-		Handler:           newServer(log, db, producer, notes, orders, m, stopStreams),
-		ReadHeaderTimeout: 5 * time.Second, // slow-loris clients
-		ReadTimeout:       15 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       60 * time.Second,
-		MaxHeaderBytes:    64 << 10, // answers 431 past this
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-	}
-	srv.RegisterOnShutdown(func() { close(stopStreams) })
+	srv := newServer(log, db, producer, notes, orders, m)
 	log.Info("http server listening", "addr", ln.Addr().String())
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- srv.Serve(ln) }()

@@ -94,6 +94,30 @@ func (r *relay) run(ctx, abort context.Context) {
 	}
 }
 
+// newProducerClient is the relay's producer (the consumer's DLQ copies use it
+// too).
+func newProducerClient(brokers []string) (*kgo.Client, error) {
+	return kgo.NewClient(
+		kgo.SeedBrokers(brokers...),
+		kgo.ClientID("order-service"),
+		// acks=all and idempotent writes are kgo's defaults. This lets the
+		// relay's deadline fail even in-flight records, so a stalled
+		// broker cannot hold outbox row locks forever; the price is a
+		// possible duplicate, which at-least-once delivery allows anyway.
+		kgo.AllowIdempotentProduceCancellation(),
+		// While brokers are unreachable kgo fails a record only after a
+		// metadata refresh, and refreshes at most every MetadataMinAge (5s)
+		// with backoff up to 2.5s between tries: a 1s RELAY_PRODUCE_TIMEOUT
+		// took 4-7s, and a returned cluster was noticed as late. Refreshing
+		// at most four times a second and retrying within 250ms costs a few
+		// requests a second, only while something is failing.
+		kgo.MetadataMinAge(250*time.Millisecond),
+		kgo.RetryBackoffFn(func(tries int) time.Duration {
+			return jitter(min(250*time.Millisecond, 25*time.Millisecond<<min(tries, 4)))
+		}),
+	)
+}
+
 // publishBatch claims, produces and marks one batch in one transaction. The
 // produce deadline bounds how long row locks are held; ctx is not the run's
 // ctx but its abort: shutdown lets the current batch finish if it can.
