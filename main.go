@@ -18,9 +18,6 @@ import (
 	"sync"
 	"syscall"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 func main() {
@@ -313,73 +310,4 @@ func closeBefore(deadline *time.Time, f func()) {
 	case <-done:
 	case <-time.After(time.Until(*deadline)):
 	}
-}
-
-// connectDB retries for STARTUP_TIMEOUT, so the service may start before its
-// database (as in docker compose), then gives up with the address it tried.
-func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool, error) {
-	pcfg, err := pgxpool.ParseConfig(cfg.DatabaseURL)
-	if err != nil {
-		return nil, fmt.Errorf("DATABASE_URL: %w", err)
-	}
-	if pcfg.ConnConfig.ConnectTimeout == 0 || pcfg.ConnConfig.ConnectTimeout > 3*time.Second {
-		// Requests must fail fast while the database is down, not hang.
-		pcfg.ConnConfig.ConnectTimeout = 3 * time.Second
-	}
-	pcfg.ConnConfig.OnPgError = closeReadOnly
-	if !strings.Contains(cfg.DatabaseURL, "pool_max_conns") {
-		// pgxpool's default is max(4, CPUs): too few for the order
-		// writers, the relay, the consumer and reads at once.
-		pcfg.MaxConns = 16
-	}
-	where := fmt.Sprintf("%s:%d/%s", pcfg.ConnConfig.Host, pcfg.ConnConfig.Port, pcfg.ConnConfig.Database)
-	db, err := pgxpool.NewWithConfig(ctx, pcfg)
-	if err != nil {
-		return nil, fmt.Errorf("database %s: %w", where, err)
-	}
-	deadline := time.Now().Add(cfg.StartupTimeout)
-	for failures := 1; ; failures++ {
-		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		err = db.Ping(pctx)
-		cancel()
-		if err == nil {
-			log.Info("database connected", "addr", where)
-			return db, nil
-		}
-		cause := oneLine(err)
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "28") || pgErr.Code == "3D000") {
-			// A wrong role, password or database name will not fix
-			// itself: say so now rather than after the timeout.
-			db.Close()
-			return nil, fmt.Errorf("database %s refused the connection: %s", where, cause)
-		}
-		if ctx.Err() != nil || time.Now().After(deadline) {
-			db.Close()
-			return nil, fmt.Errorf("database %s unreachable after %s: %s", where, cfg.StartupTimeout, cause)
-		}
-		d := backoff(failures)
-		log.Warn("database not reachable yet, retrying", "addr", where, "err", err, "retry_in", d)
-		sleep(ctx, d)
-	}
-}
-
-// oneLine flattens an error for a one-line exit message: pgx lists every
-// address it tried on lines of their own.
-func oneLine(err error) string {
-	var b strings.Builder
-	for _, line := range strings.Split(err.Error(), "\n") {
-		if line = strings.TrimSpace(line); line == "" {
-			continue
-		}
-		if b.Len() > 0 {
-			if strings.HasSuffix(b.String(), ":") {
-				b.WriteString(" ")
-			} else {
-				b.WriteString("; ")
-			}
-		}
-		b.WriteString(line)
-	}
-	return b.String()
 }
