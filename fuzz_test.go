@@ -13,6 +13,7 @@ import (
 	"errors"
 	"io"
 	"log/slog"
+	"math/big"
 	"net/http"
 	"strings"
 	"testing"
@@ -29,6 +30,8 @@ func FuzzDecodeOrderInput(f *testing.F) {
 		`{"amount": 1, "description": "a\u0000b"}`, "{\"amount\": 1, \"description\": \"\xff\"}", `{"amount": 1}{}`,
 		`[]`, `null`, ``, strings.Repeat("[", 20000),
 		`{"amount": 1, "amount": 2}`, `{"amount": 1, "description": null}`,
+		`{"amount": 1500.0}`, `{"amount": 1.5e3}`, `{"amount": 15e-1}`, `{"amount": 1e999999999}`,
+		`{"amount": 9.223372036854775807e18}`, `{"amount": 9.223372036854775808e18}`, `{"amount": -0.0}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -43,6 +46,16 @@ func FuzzDecodeOrderInput(f *testing.F) {
 		if in.Amount <= 0 || utf8.RuneCountInString(in.Description) > maxDescription ||
 			!utf8.ValidString(in.Description) || strings.ContainsRune(in.Description, 0) {
 			t.Fatalf("accepted an invalid order %+v from %q", in, body)
+		}
+		// The amount is the exact value of the number sent, however written.
+		var raw struct{ Amount json.Number }
+		dec := json.NewDecoder(bytes.NewReader(body))
+		dec.UseNumber()
+		if err := dec.Decode(&raw); err == nil && len(raw.Amount) < 64 {
+			sent, ok := new(big.Rat).SetString(string(raw.Amount))
+			if !ok || sent.Cmp(new(big.Rat).SetInt64(in.Amount)) != 0 {
+				t.Fatalf("amount %s accepted as %d", raw.Amount, in.Amount)
+			}
 		}
 		// What was accepted, sent again, is accepted as the same order.
 		again, _ := json.Marshal(map[string]any{"amount": in.Amount, "description": in.Description})

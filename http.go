@@ -10,7 +10,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	_ "embed"
-	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -148,8 +147,8 @@ const (
 )
 
 type createOrderRequest struct {
-	Amount      *int64  `json:"amount"`
-	Description *string `json:"description"`
+	Amount      json.RawMessage `json:"amount"` // read by orderAmount
+	Description *string         `json:"description"`
 }
 
 func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.Handler {
@@ -219,8 +218,11 @@ func handleListOrders(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 			writeProblem(w, http.StatusBadRequest, "malformed query string: "+err.Error())
 			return
 		}
+		// A parameter given empty is malformed, not absent: it matches no
+		// value openapi.yaml allows.
 		limit := defaultPageSize
-		if v := q.Get("limit"); v != "" {
+		if q.Has("limit") {
+			v := q.Get("limit")
 			n, err := strconv.Atoi(v)
 			if err != nil || n < 1 || n > maxPageSize {
 				writeProblem(w, http.StatusBadRequest, fmt.Sprintf("limit must be an integer from 1 to %d", maxPageSize))
@@ -229,8 +231,8 @@ func handleListOrders(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 			limit = n
 		}
 		after := firstPage
-		if v := q.Get("cursor"); v != "" {
-			k, err := decodeCursor(v)
+		if q.Has("cursor") {
+			k, err := decodeCursor(q.Get("cursor"))
 			if err != nil {
 				writeProblem(w, http.StatusBadRequest, "cursor is not one this service issued")
 				return
@@ -449,11 +451,9 @@ func decodeOrderInput(body io.Reader) (orderInput, *problem) {
 	if err != nil {
 		return orderInput{}, decodeProblem(err)
 	}
-	switch {
-	case req.Amount == nil:
-		return orderInput{}, badRequest("amount is required")
-	case *req.Amount <= 0:
-		return orderInput{}, badRequest("amount must be a positive integer (minor units)")
+	amount, p := orderAmount(req.Amount)
+	if p != nil {
+		return orderInput{}, p
 	}
 	var desc string
 	if req.Description != nil {
@@ -466,7 +466,73 @@ func decodeOrderInput(body io.Reader) (orderInput, *problem) {
 		// PostgreSQL text cannot hold NUL.
 		return orderInput{}, badRequest("description must not contain NUL characters")
 	}
-	return orderInput{Amount: *req.Amount, Description: desc}, nil
+	return orderInput{Amount: amount, Description: desc}, nil
+}
+
+// orderAmount reads amount as JSON Schema reads an integer: any JSON number
+// whose value is whole, so 1500, 1500.0 and 1.5e3 are all 1500 (a generated
+// client may send any of them); fractions, strings and values beyond int64
+// are the client's mistake.
+func orderAmount(raw json.RawMessage) (int64, *problem) {
+	wrong := func(got string) (int64, *problem) {
+		return 0, badRequest(fmt.Sprintf("amount must be an integer from 1 to %d (minor units), got %s", int64(1<<63-1), got))
+	}
+	s := string(raw)
+	switch {
+	case s == "" || s == "null":
+		return 0, badRequest("amount is required")
+	case s[0] == '"':
+		return wrong("string")
+	case s[0] == '{':
+		return wrong("object")
+	case s[0] == '[':
+		return wrong("array")
+	case s == "true" || s == "false":
+		return wrong("bool")
+	}
+	n, ok := wholeNumber(s)
+	switch {
+	case !ok:
+		return wrong("number " + s)
+	case n <= 0:
+		return 0, badRequest("amount must be a positive integer (minor units)")
+	}
+	return n, nil
+}
+
+// wholeNumber is the value of JSON number s when it is a whole number within
+// int64. Exact: it works on the decimal digits, never on a float, and never
+// builds a number longer than int64's 19 digits (1e999999999 is refused, not
+// computed).
+func wholeNumber(s string) (int64, bool) {
+	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
+		return n, true
+	}
+	mant, exp, _ := strings.Cut(strings.ToLower(s), "e")
+	e := 0
+	if exp != "" {
+		var err error
+		if e, err = strconv.Atoi(exp); err != nil {
+			return 0, false
+		}
+	}
+	sign := ""
+	if strings.HasPrefix(mant, "-") {
+		sign, mant = "-", mant[1:]
+	}
+	whole, frac, _ := strings.Cut(mant, ".")
+	digits := strings.TrimLeft(whole+frac, "0")
+	e -= len(frac)
+	trimmed := strings.TrimRight(digits, "0")
+	e += len(digits) - len(trimmed)
+	switch {
+	case trimmed == "":
+		return 0, true
+	case e < 0 || len(trimmed)+e > 19:
+		return 0, false
+	}
+	n, err := strconv.ParseInt(sign+trimmed+strings.Repeat("0", e), 10, 64)
+	return n, err == nil
 }
 
 // decodeJSON reads exactly one JSON value with no unknown fields.
@@ -501,8 +567,6 @@ func decodeProblem(err error) *problem {
 		return badRequest("request body is empty; want a JSON object such as {\"amount\": 1000}")
 	case errors.As(err, &se), errors.Is(err, io.ErrUnexpectedEOF):
 		return badRequest("request body is not valid JSON: " + err.Error())
-	case errors.As(err, &te) && te.Field == "amount":
-		return badRequest(fmt.Sprintf("amount must be an integer from 1 to %d (minor units), got %s", int64(1<<63-1), te.Value))
 	case errors.As(err, &te) && te.Field != "":
 		return badRequest(fmt.Sprintf("%s must be a %s, got %s", te.Field, te.Type, te.Value))
 	case errors.As(err, &te):
@@ -572,27 +636,25 @@ func recoverPanics(log *slog.Logger, next http.Handler) http.Handler {
 	})
 }
 
-// The cursor is opaque to clients: base64url of "<created_at µs>.<id>".
+// The cursor is "<created_at in µs since 1970>.<order id>" of the last order
+// of a page: opaque to clients, who pass back next_cursor, but with a format
+// openapi.yaml can state exactly, so that every value it allows is accepted.
 func encodeCursor(k pageKey) string {
-	return base64.RawURLEncoding.EncodeToString([]byte(strconv.FormatInt(k.CreatedAt.UnixMicro(), 10) + "." + k.ID))
+	return strconv.FormatInt(k.CreatedAt.UnixMicro(), 10) + "." + k.ID
 }
 
-// minCursorMicros is year 1: no order is older, and PostgreSQL holds it.
-var minCursorMicros = time.Date(1, 1, 1, 0, 0, 0, 0, time.UTC).UnixMicro()
+// maxCursorDigits bounds the timestamp to year 5138: no order is newer, and
+// PostgreSQL holds it.
+const maxCursorDigits = 17
 
 func decodeCursor(s string) (pageKey, error) {
-	b, err := base64.RawURLEncoding.DecodeString(s)
-	if err != nil {
-		return pageKey{}, err
-	}
-	ts, id, ok := strings.Cut(string(b), ".")
-	us, err := strconv.ParseInt(ts, 10, 64)
-	if !ok || err != nil || !isUUID(id) {
+	ts, id, ok := strings.Cut(s, ".")
+	if !ok || ts == "" || len(ts) > maxCursorDigits || strings.Trim(ts, "0123456789") != "" || !isUUID(id) {
 		return pageKey{}, errors.New("malformed cursor")
 	}
-	if us < minCursorMicros || us > firstPage.CreatedAt.UnixMicro() {
-		// Outside PostgreSQL's timestamp range it would fail as 22008.
-		return pageKey{}, errors.New("cursor out of range")
+	us, err := strconv.ParseInt(ts, 10, 64)
+	if err != nil {
+		return pageKey{}, errors.New("malformed cursor")
 	}
 	return pageKey{CreatedAt: time.UnixMicro(us).UTC(), ID: id}, nil
 }

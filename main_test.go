@@ -573,6 +573,13 @@ func TestCreateOrderRejectsBadInputAndWritesNothing(t *testing.T) {
 		{"amount zero", `{"amount": 0}`, nil, 400},
 		{"amount negative", `{"amount": -5}`, nil, 400},
 		{"amount over int64", `{"amount": 9223372036854775808}`, nil, 400},
+		{"amount over int64, exponent", `{"amount": 1e19}`, nil, 400},
+		{"amount a fraction, exponent", `{"amount": 15e-1}`, nil, 400},
+		{"amount a tiny fraction", `{"amount": 1.0000000000000000000000001}`, nil, 400},
+		{"amount a huge exponent", `{"amount": 1e999999999999}`, nil, 400},
+		{"amount zero, exponent", `{"amount": 0e5}`, nil, 400},
+		{"amount a bool", `{"amount": true}`, nil, 400},
+		{"amount an object", `{"amount": {}}`, nil, 400},
 		{"amount missing", `{"description": "x"}`, nil, 400},
 		{"amount null", `{"amount": null}`, nil, 400},
 		{"description too long", `{"amount": 1, "description": "` + long + `"}`, nil, 400},
@@ -608,6 +615,18 @@ func TestCreateOrderRejectsBadInputAndWritesNothing(t *testing.T) {
 	}
 	if n := count(t, dbURL, `SELECT count(*) FROM outbox`); n != 0 {
 		t.Errorf("bad requests wrote %d outbox rows", n)
+	}
+
+	// A whole number is an integer however it is written (JSON Schema's
+	// reading, and what a generated client may send).
+	for body, want := range map[string]int64{
+		`{"amount": 1500.0}`: 1500, `{"amount": 1.5e3}`: 1500, `{"amount": 15E2}`: 1500,
+		`{"amount": 150000e-2}`: 1500, `{"amount": 9.223372036854775807e18}`: 1<<63 - 1,
+	} {
+		r := do(t, "POST", s.url+"/orders", body, "X-User-Id", user)
+		if r.status != http.StatusCreated || r.order(t).Amount != want {
+			t.Errorf("%s: %d %s, want 201 with amount %d", body, r.status, r.body, want)
+		}
 	}
 
 	// The limits themselves are accepted.
@@ -756,7 +775,7 @@ func TestListOrdersPagesEveryOrderOnceNewestFirst(t *testing.T) {
 		t.Errorf("default page: %d orders, next_cursor %q", len(all.Orders), all.NextCursor)
 	}
 
-	for _, q := range []string{"limit=0", "limit=501", "limit=x", "cursor=%%%", "cursor=bm9wZQ"} {
+	for _, q := range []string{"limit=0", "limit=501", "limit=x", "limit=", "cursor=%%%", "cursor=bm9wZQ", "cursor="} {
 		r := do(t, "GET", s.url+"/orders?"+q, "", "X-User-Id", alice)
 		if r.status != http.StatusBadRequest || r.header.Get("Content-Type") != "application/problem+json" {
 			t.Errorf("?%s: %d %s, want 400 problem", q, r.status, r.body)
