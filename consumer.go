@@ -18,6 +18,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
@@ -32,6 +33,20 @@ type paymentResult struct {
 
 // errPoison marks a record that no retry can apply.
 var errPoison = errors.New("poison record")
+
+// errUnknownOrder marks a result for an order this service does not have.
+var errUnknownOrder = errors.New("unknown order")
+
+// dlqReason classes why a record went to the DLQ, for its metric.
+func dlqReason(cause error) string {
+	switch {
+	case errors.Is(cause, errUnknownOrder):
+		return "unknown_order"
+	case dbPermanent(cause):
+		return "refused"
+	}
+	return "invalid"
+}
 
 // maxReason is how many characters of a FAILED result's reason are kept,
 // like an order's description.
@@ -121,6 +136,30 @@ func newConsumerClient(brokers []string, group, topic string, log *slog.Logger,
 		opts = append(opts, kgo.InstanceID(instanceID))
 	}
 	return kgo.NewClient(opts...)
+}
+
+// consumerLag is the group's lag on topic per partition: the log end less the
+// committed offset (the whole partition when nothing is committed yet).
+func consumerLag(ctx context.Context, cl *kgo.Client, group, topic string) (map[int32]int64, error) {
+	lags, err := kadm.NewClient(cl).Lag(ctx, group)
+	if err != nil {
+		return nil, fmt.Errorf("consumer lag: %w", err)
+	}
+	l, ok := lags[group]
+	if !ok {
+		return nil, fmt.Errorf("consumer lag: group %s not described", group)
+	}
+	if err := l.Error(); err != nil {
+		return nil, fmt.Errorf("consumer lag: %w", err)
+	}
+	out := map[int32]int64{}
+	for p, pl := range l.Lag[topic] {
+		if pl.Err != nil {
+			return nil, fmt.Errorf("consumer lag of partition %d: %w", p, pl.Err)
+		}
+		out[p] = pl.Lag
+	}
+	return out, nil
 }
 
 // run consumes until ctx is cancelled, then commits what it applied, unless
@@ -238,9 +277,12 @@ func (c *consumer) applyRound(ctx context.Context, round []item) ([]dead, error)
 	for _, it := range round {
 		switch {
 		case isRejected[it.rec]:
-		case applied[it.res.OrderID]:
+		case !applied[it.res.OrderID].IsZero():
 			c.metrics.resultsApplied(it.res.Status)
-			c.log.InfoContext(ctx, "order status changed", "order_id", it.res.OrderID, "status", it.res.Status)
+			c.metrics.resultLatency.observe(time.Since(applied[it.res.OrderID]).Seconds())
+			// The Payment Service's traceparent, if it sent one, names the
+			// trace the order began in.
+			c.log.InfoContext(recordTrace(ctx, it.rec.Headers), "order status changed", "order_id", it.res.OrderID, "status", it.res.Status)
 		default:
 			notApplied = append(notApplied, it)
 		}
@@ -263,7 +305,7 @@ func (c *consumer) applyRound(ctx context.Context, round []item) ([]dead, error)
 		status, known := current[it.res.OrderID]
 		switch {
 		case !known:
-			rejected = append(rejected, dead{it.rec, fmt.Errorf("%w: unknown order %s", errPoison, it.res.OrderID)})
+			rejected = append(rejected, dead{it.rec, fmt.Errorf("%w: %w %s", errPoison, errUnknownOrder, it.res.OrderID)})
 		case status == it.res.Status:
 			c.metrics.resultsIgnored.Add(1)
 			c.log.InfoContext(ctx, "duplicate payment result ignored", "order_id", it.res.OrderID, "status", status)
@@ -280,12 +322,12 @@ func (c *consumer) applyRound(ctx context.Context, round []item) ([]dead, error)
 // permanent one (values the database refuses: SQLSTATE class 22 or 23) is
 // the fault of one record or a few: the items are split in halves until
 // each such record stands alone, to go to the DLQ, and the rest are applied.
-func (c *consumer) apply(ctx context.Context, items []item) (map[string]bool, []dead, error) {
+func (c *consumer) apply(ctx context.Context, items []item) (map[string]time.Time, []dead, error) {
 	results := make([]paymentResult, len(items))
 	for i, it := range items {
 		results[i] = it.res
 	}
-	var applied map[string]bool
+	var applied map[string]time.Time
 	err := c.retry(ctx, "apply payment results", func(ctx context.Context) (err error) {
 		applied, err = applyPaymentResults(ctx, c.db, results)
 		if dbPermanent(err) {
@@ -311,7 +353,7 @@ func (c *consumer) apply(ctx context.Context, items []item) (map[string]bool, []
 		return nil, nil, err
 	}
 	if applied == nil {
-		applied = map[string]bool{}
+		applied = map[string]time.Time{}
 	}
 	maps.Copy(applied, applied2)
 	return applied, append(rejected, rejected2...), nil
@@ -372,7 +414,7 @@ func (c *consumer) deadLetter(ctx context.Context, rec *kgo.Record, cause error)
 	if err != nil {
 		return fmt.Errorf("dead-letter offset %d: %w", rec.Offset, err)
 	}
-	c.metrics.resultsDeadLettered.Add(1)
+	c.metrics.deadLetteredFor(dlqReason(cause))
 	c.log.WarnContext(ctx, "payment result sent to DLQ", "partition", rec.Partition, "offset", rec.Offset,
 		"truncated", truncated, "err", clip(cause.Error(), maxErrorHeader))
 	return nil

@@ -100,7 +100,15 @@ func demoPayments(ctx context.Context, brokers []string, payOrderTopic, resultsT
 				res["reason"] = fmt.Sprintf("amount %d exceeds the demo limit of %d", ev.Amount, demoPaymentLimit)
 			}
 			b, _ := json.Marshal(res)
-			answers = append(answers, &kgo.Record{Topic: resultsTopic, Key: rec.Key, Value: b})
+			answer := &kgo.Record{Topic: resultsTopic, Key: rec.Key, Value: b}
+			// As a traced Payment Service would: the answer continues the
+			// order's trace, as a span of its own.
+			for _, h := range rec.Headers {
+				if t, ok := parseTraceparent(string(h.Value)); ok && h.Key == "traceparent" {
+					answer.Headers = append(answer.Headers, kgo.RecordHeader{Key: "traceparent", Value: []byte(hop(t, true).String())})
+				}
+			}
+			answers = append(answers, answer)
 		})
 		if len(answers) == 0 {
 			continue

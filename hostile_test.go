@@ -129,7 +129,8 @@ func TestHostilePaymentResultsNeverStopTheConsumer(t *testing.T) {
 	if h := headerMap(last); h["truncated"] == "" || !bytes.Equal(last.Value, recs[8].Value[:truncatedBytes]) {
 		t.Errorf("oversized DLQ copy: %d bytes, headers %v; want its first %d bytes and a truncated header", len(last.Value), h, truncatedBytes)
 	}
-	if n := metric(t, s.url, "payment_results_dlq_total"); n != poison {
+	if n := metric(t, s.url, `payment_results_dlq_total{reason="invalid"}`) + metric(t, s.url, `payment_results_dlq_total{reason="unknown_order"}`) +
+		metric(t, s.url, `payment_results_dlq_total{reason="refused"}`); n != poison {
 		t.Errorf("payment_results_dlq_total %v, want %d", n, poison)
 	}
 }
@@ -186,6 +187,9 @@ func TestRecordTheDatabaseRefusesIsDeadLetteredAlone(t *testing.T) {
 		if want := []string{"1", "4"}[i]; h["original-offset"] != want || !strings.Contains(h["error"], "23514") {
 			t.Errorf("DLQ record %d: offset %s (want %s), error %q", i, h["original-offset"], want, h["error"])
 		}
+	}
+	if n := metric(t, s2.url, `payment_results_dlq_total{reason="refused"}`); n != 2 {
+		t.Errorf(`payment_results_dlq_total{reason="refused"} %v, want 2`, n)
 	}
 }
 

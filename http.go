@@ -50,7 +50,9 @@ func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *not
 	mux := http.NewServeMux()
 	addRoutes(mux, log, db, kafka, notes, orders, m, stopStreams)
 	srv := &http.Server{
-		Handler:           m.instrument(recoverPanics(log, routeProblems(mux))),
+		// traceRequests first: the request it hands on is the one the mux
+		// stamps with its route pattern, which instrument reads.
+		Handler:           traceRequests(m.instrument(recoverPanics(log, routeProblems(mux)))),
 		ReadHeaderTimeout: 5 * time.Second, // slow-loris clients
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -178,6 +180,10 @@ func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.H
 		h.Write([]byte(desc))
 		in := newOrder{ID: newUUID(), UserID: userID, Amount: req.Amount, Description: desc,
 			IdempotencyKey: idemKey, RequestHash: h.Sum(nil)}
+		if ri, ok := requestInfoFrom(r.Context()); ok {
+			// The pay-order record's parent is this request's span.
+			in.Traceparent, in.Tracestate = ri.span.String(), ri.tracestate
+		}
 
 		ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
 		defer cancel()

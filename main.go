@@ -66,6 +66,7 @@ type config struct {
 	CreateWriters     int
 	PprofAddr         string
 	LogLevel          slog.Level
+	LogJSON           bool
 }
 
 func (c config) topic(name string) string { return c.TopicPrefix + name }
@@ -144,6 +145,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 	default:
 		errs = append(errs, fmt.Errorf("DEMO_PAYMENTS=%q: want true or false", v))
 	}
+	switch v := strings.ToLower(str("LOG_FORMAT", "text")); v {
+	case "text":
+	case "json":
+		c.LogJSON = true
+	default:
+		errs = append(errs, fmt.Errorf("LOG_FORMAT=%q: want text or json", v))
+	}
 	if err := c.LogLevel.UnmarshalText([]byte(str("LOG_LEVEL", "info"))); err != nil {
 		errs = append(errs, fmt.Errorf("LOG_LEVEL: %w", err))
 	}
@@ -160,7 +168,11 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	if err != nil {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel}))
+	var handler slog.Handler = slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel})
+	if cfg.LogJSON {
+		handler = slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel})
+	}
+	log := slog.New(contextHandler{handler}) // trace_id and request_id from the context
 
 	// stopBy is when shutdown must be over: zero until it begins. The
 	// deferred closes wait for nothing past it (closeBefore).
@@ -206,6 +218,9 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 
 	m := newMetrics()
+	m.consumerLag = func(ctx context.Context) (map[int32]int64, error) {
+		return consumerLag(ctx, producer, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults))
+	}
 	// Workers outlive ctx: they are stopped in order during shutdown.
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	defer stopWork()

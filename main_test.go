@@ -15,11 +15,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -224,7 +227,8 @@ func (l *logBuffer) String() string {
 	return l.buf.String()
 }
 
-var listeningRE = regexp.MustCompile(`msg="http server listening" addr=(\S+)`)
+// listeningRE finds the listen address in text or JSON logs (LOG_FORMAT).
+var listeningRE = regexp.MustCompile(`msg"?[=:]"?http server listening"?[ ,]"?addr"?[=:]"?([^\s"]+)`)
 
 // serviceEnv is the environment of a test instance on this database URL
 // and broker.
@@ -968,6 +972,12 @@ func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
 		}
 	}
 	waitCommitted(t, b)
+	// One result for an order this service does not have; the rest are not
+	// payment results at all.
+	if invalid, unknown := metric(t, s.url, `payment_results_dlq_total{reason="invalid"}`),
+		metric(t, s.url, `payment_results_dlq_total{reason="unknown_order"}`); invalid != float64(len(poison)-1) || unknown != 1 {
+		t.Errorf("DLQ by reason: invalid %v, unknown_order %v; want %d and 1", invalid, unknown, len(poison)-1)
+	}
 }
 
 // --- faults ---
@@ -991,6 +1001,7 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		{"RELAY_POLL_INTERVAL": "soon"},
 		{"DEMO_PAYMENTS": "maybe"},
 		{"LOG_LEVEL": "loud"},
+		{"LOG_FORMAT": "xml"},
 	} {
 		_, err := loadConfig(func(k string) string { return env[k] })
 		if err == nil {
@@ -1217,7 +1228,7 @@ func TestOrderEventsIsolationAndErrors(t *testing.T) {
 var (
 	sampleRE = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$`)
 	helpRE   = regexp.MustCompile(`^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) \S.*$`)
-	typeRE   = regexp.MustCompile(`^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram)$`)
+	typeRE   = regexp.MustCompile(`^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary)$`)
 )
 
 func TestMetricsParseAndCount(t *testing.T) {
@@ -1229,6 +1240,7 @@ func TestMetricsParseAndCount(t *testing.T) {
 	do(t, "POST", s.url+"/orders", `{"amount": 0}`, "X-User-Id", user)
 	produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`, `garbage`)
 	waitCommitted(t, b)
+	waitDrained(t, dbURL) // the event published, so its latency observed
 	s.getOrder(t, user, o.ID)
 
 	r := do(t, "GET", s.url+"/metrics", "")
@@ -1252,7 +1264,7 @@ func TestMetricsParseAndCount(t *testing.T) {
 		}
 		family := m[1]
 		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
-			if base, ok := strings.CutSuffix(family, suffix); ok && types[base] == "histogram" {
+			if base, ok := strings.CutSuffix(family, suffix); ok && (types[base] == "histogram" || types[base] == "summary") {
 				family = base
 			}
 		}
@@ -1269,8 +1281,16 @@ func TestMetricsParseAndCount(t *testing.T) {
 		"orders_created_total":                                     1,
 		"outbox_events_published_total":                            1,
 		`payment_results_applied_total{status="PAID"}`:             1,
-		"payment_results_dlq_total":                                1,
+		`payment_results_dlq_total{reason="invalid"}`:              1,
+		`payment_results_dlq_total{reason="unknown_order"}`:        0,
+		`payment_results_dlq_total{reason="refused"}`:              0,
 		"outbox_backlog":                                           0,
+		"order_publish_latency_seconds_count":                      1,
+		"order_result_latency_seconds_count":                       1,
+		"outbox_relay_batch_records_count":                         1,
+		`outbox_relay_batch_records_bucket{le="1"}`:                1,
+		"payment_results_consumer_lag_up":                          1,
+		`go_info{version="` + runtime.Version() + `"}`:             1,
 		`http_requests_total{route="POST /orders",code="201"}`:     1,
 		`http_requests_total{route="POST /orders",code="400"}`:     1,
 		`http_requests_total{route="GET /orders/{id}",code="200"}`: 1,
@@ -1278,6 +1298,29 @@ func TestMetricsParseAndCount(t *testing.T) {
 		if got, ok := samples[sample]; !ok || got != want {
 			t.Errorf("%s = %v (present %v), want %v", sample, got, ok, want)
 		}
+	}
+	// The group has committed both records of payment-results: no lag.
+	var lag float64
+	for p := range 3 {
+		v, ok := samples[fmt.Sprintf(`payment_results_consumer_lag{partition="%d"}`, p)]
+		if !ok {
+			t.Errorf("no consumer lag for partition %d", p)
+		}
+		lag += v
+	}
+	if lag != 0 {
+		t.Errorf("consumer lag %v after every result was committed", lag)
+	}
+	// Runtime and process metrics, with the names Prometheus users expect.
+	for _, name := range []string{"go_goroutines", "go_threads", "go_memstats_heap_alloc_bytes", "go_memstats_sys_bytes",
+		"go_gc_duration_seconds_count", "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+		"process_max_fds", "process_virtual_memory_bytes"} {
+		if samples[name] <= 0 {
+			t.Errorf("%s = %v, want > 0", name, samples[name])
+		}
+	}
+	if start := samples["process_start_time_seconds"]; math.Abs(start-float64(time.Now().Unix())) > 3600 {
+		t.Errorf("process_start_time_seconds %v, now %d", start, time.Now().Unix())
 	}
 	// Histogram buckets are cumulative and end at the count.
 	prefix := `http_request_duration_seconds_bucket{route="POST /orders",le=`
@@ -1295,6 +1338,17 @@ func TestMetricsParseAndCount(t *testing.T) {
 	}
 	if c := samples[`http_request_duration_seconds_count{route="POST /orders"}`]; c != last || c != 2 {
 		t.Errorf("count %v, +Inf bucket %v, want 2", c, last)
+	}
+
+	// Prometheus's own linter, where it is installed (CI installs it).
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Skip("promtool not found: install Debian's prometheus package to lint /metrics")
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = bytes.NewReader(r.body)
+	if out, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 }
 

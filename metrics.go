@@ -9,24 +9,35 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"maps"
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 )
 
 type metrics struct {
-	ordersCreated       atomic.Int64
-	orderBatches        atomic.Int64
-	commitsUnanswered   atomic.Int64
-	eventsPublished     atomic.Int64
-	publishErrors       atomic.Int64
-	resultsPaid         atomic.Int64
-	resultsFailed       atomic.Int64
-	resultsIgnored      atomic.Int64
-	resultsDeadLettered atomic.Int64
+	ordersCreated     atomic.Int64
+	orderBatches      atomic.Int64
+	commitsUnanswered atomic.Int64
+	eventsPublished   atomic.Int64
+	publishErrors     atomic.Int64
+	resultsPaid       atomic.Int64
+	resultsFailed     atomic.Int64
+	resultsIgnored    atomic.Int64
+	deadLettered      [len(dlqReasons)]atomic.Int64
+
+	// The pipeline, from an order's commit to its result.
+	publishLatency *histogram // commit → the broker's ack of its pay-order record
+	resultLatency  *histogram // creation → its payment result applied
+	relayBatch     *histogram // records per relay batch
+
+	// consumerLag reads the group's lag per partition of payment-results at
+	// scrape time; nil until the consumer is wired.
+	consumerLag func(context.Context) (map[int32]int64, error)
 
 	mu       sync.Mutex
 	requests map[requestKey]int64
@@ -41,13 +52,75 @@ type requestKey struct {
 var durationBuckets = []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10}
 
 type histogram struct {
-	counts []int64 // per bucket, not cumulative
-	sum    float64
-	count  int64
+	buckets []float64
+	mu      sync.Mutex // the pipeline's histograms; m.mu guards the HTTP ones
+	counts  []int64    // per bucket, not cumulative
+	sum     float64
+	count   int64
 }
 
+func newHistogram(buckets []float64) *histogram {
+	return &histogram{buckets: buckets, counts: make([]int64, len(buckets))}
+}
+
+// observe is for the pipeline's histograms, which have their own lock.
+func (h *histogram) observe(v float64) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.add(v)
+}
+
+func (h *histogram) add(v float64) {
+	if i, _ := slices.BinarySearch(h.buckets, v); i < len(h.buckets) {
+		h.counts[i]++
+	}
+	h.sum += v
+	h.count++
+}
+
+// writeTo writes the histogram's samples; labels is "" or `name="value",`.
+func (h *histogram) writeTo(w io.Writer, name, labels string) {
+	var cum int64
+	for i, le := range h.buckets {
+		cum += h.counts[i]
+		fmt.Fprintf(w, "%s_bucket{%sle=\"%s\"} %d\n", name, labels, strconv.FormatFloat(le, 'f', -1, 64), cum)
+	}
+	fmt.Fprintf(w, "%s_bucket{%sle=\"+Inf\"} %d\n", name, labels, h.count)
+	labels = strings.TrimSuffix(labels, ",")
+	if labels != "" {
+		labels = "{" + labels + "}"
+	}
+	fmt.Fprintf(w, "%s_sum%s %s\n%s_count%s %d\n", name, labels, strconv.FormatFloat(h.sum, 'f', -1, 64), name, labels, h.count)
+}
+
+// Buckets of the pipeline: a healthy publish takes milliseconds, an outage
+// minutes; a payment takes as long as the Payment Service does.
+var (
+	publishBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
+	resultBuckets  = []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600}
+	batchBuckets   = []float64{1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000}
+)
+
+// dlqReasons are the classes of payment results sent to the DLQ: a value
+// that is not a payment result, a result for an order this service does not
+// have, a value the database refuses.
+var dlqReasons = [...]string{"invalid", "unknown_order", "refused"}
+
 func newMetrics() *metrics {
-	return &metrics{requests: map[requestKey]int64{}, duration: map[string]*histogram{}}
+	return &metrics{requests: map[requestKey]int64{}, duration: map[string]*histogram{},
+		publishLatency: newHistogram(publishBuckets), resultLatency: newHistogram(resultBuckets),
+		relayBatch: newHistogram(batchBuckets)}
+}
+
+func (m *metrics) deadLetteredFor(reason string) {
+	m.deadLettered[slices.Index(dlqReasons[:], reason)].Add(1)
+}
+
+func (m *metrics) deadLetteredTotal() (n int64) {
+	for i := range m.deadLettered {
+		n += m.deadLettered[i].Load()
+	}
+	return n
 }
 
 func (m *metrics) resultsApplied(status string) {
@@ -64,15 +137,10 @@ func (m *metrics) observeRequest(route string, code int, d time.Duration) {
 	m.requests[requestKey{route, code}]++
 	h := m.duration[route]
 	if h == nil {
-		h = &histogram{counts: make([]int64, len(durationBuckets))}
+		h = newHistogram(durationBuckets)
 		m.duration[route] = h
 	}
-	s := d.Seconds()
-	if i, _ := slices.BinarySearch(durationBuckets, s); i < len(durationBuckets) {
-		h.counts[i]++
-	}
-	h.sum += s
-	h.count++
+	h.add(d.Seconds())
 }
 
 // instrument records every request under its route pattern, never its raw
@@ -131,7 +199,24 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 		"payment_results_applied_total{status=\"PAID\"} %d\npayment_results_applied_total{status=\"FAILED\"} %d\n",
 		m.resultsPaid.Load(), m.resultsFailed.Load())
 	counter("payment_results_ignored_total", "Duplicate or conflicting payment results that changed nothing.", m.resultsIgnored.Load())
-	counter("payment_results_dlq_total", "Payment results sent to the dead-letter topic.", m.resultsDeadLettered.Load())
+	fmt.Fprintf(w, "# HELP payment_results_dlq_total Payment results sent to the dead-letter topic, by reason: invalid (not a payment result), unknown_order, refused (by the database).\n"+
+		"# TYPE payment_results_dlq_total counter\n")
+	for i, reason := range dlqReasons {
+		fmt.Fprintf(w, "payment_results_dlq_total{reason=%q} %d\n", reason, m.deadLettered[i].Load())
+	}
+	for _, p := range []struct {
+		name, help string
+		h          *histogram
+	}{
+		{"order_publish_latency_seconds", "Time from an order's commit to the broker's acknowledgement of its pay-order record.", m.publishLatency},
+		{"order_result_latency_seconds", "Time from an order's creation to its payment result being applied.", m.resultLatency},
+		{"outbox_relay_batch_records", "Records per batch the relay published.", m.relayBatch},
+	} {
+		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s histogram\n", p.name, p.help, p.name)
+		p.h.mu.Lock()
+		p.h.writeTo(w, p.name, "")
+		p.h.mu.Unlock()
+	}
 
 	up := 1
 	if statsErr != nil {
@@ -169,15 +254,32 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 	}
 	slices.Sort(routes)
 	for _, r := range routes {
-		h := m.duration[r]
-		var cum int64
-		for i, le := range durationBuckets {
-			cum += h.counts[i]
-			fmt.Fprintf(w, "http_request_duration_seconds_bucket{route=%s,le=\"%s\"} %d\n", strconv.Quote(r), strconv.FormatFloat(le, 'f', -1, 64), cum)
-		}
-		fmt.Fprintf(w, "http_request_duration_seconds_bucket{route=%s,le=\"+Inf\"} %d\n", strconv.Quote(r), h.count)
-		fmt.Fprintf(w, "http_request_duration_seconds_sum{route=%s} %s\n", strconv.Quote(r), strconv.FormatFloat(h.sum, 'f', -1, 64))
-		fmt.Fprintf(w, "http_request_duration_seconds_count{route=%s} %d\n", strconv.Quote(r), h.count)
+		m.duration[r].writeTo(w, "http_request_duration_seconds", "route="+strconv.Quote(r)+",")
+	}
+}
+
+// writeLag writes the consumer group's lag on payment-results: records
+// written and not yet committed, per partition, from the group's committed
+// offsets and the log end (two requests to the broker).
+func (m *metrics) writeLag(ctx context.Context, w io.Writer) {
+	if m.consumerLag == nil {
+		return
+	}
+	lag, err := m.consumerLag(ctx)
+	up := 1
+	if err != nil {
+		up = 0
+	}
+	fmt.Fprintf(w, "# HELP payment_results_consumer_lag_up Whether the consumer lag below could be read from the broker.\n"+
+		"# TYPE payment_results_consumer_lag_up gauge\npayment_results_consumer_lag_up %d\n", up)
+	if err != nil {
+		return
+	}
+	fmt.Fprintf(w, "# HELP payment_results_consumer_lag Records of payment-results not yet applied and committed by the group, per partition.\n"+
+		"# TYPE payment_results_consumer_lag gauge\n")
+	parts := slices.Sorted(maps.Keys(lag))
+	for _, p := range parts {
+		fmt.Fprintf(w, "payment_results_consumer_lag{partition=\"%d\"} %d\n", p, lag[p])
 	}
 }
 
@@ -189,5 +291,7 @@ func handleMetrics(m *metrics, stats func(context.Context) (outboxStats, error))
 		s, err := stats(ctx)
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		m.write(w, s, err)
+		m.writeLag(ctx, w)
+		writeRuntimeMetrics(w)
 	})
 }

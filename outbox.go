@@ -18,9 +18,11 @@ import (
 
 // payOrderEvent is a pay-order record as the outbox stores it.
 type payOrderEvent struct {
-	EventID string
-	OrderID string // the record key
-	JSON    []byte
+	EventID     string
+	OrderID     string // the record key
+	JSON        []byte
+	Traceparent string // W3C trace context: the creating request's span
+	Tracestate  string
 }
 
 // payOrderPayload builds the pay-order value of the Kafka contract.
@@ -149,6 +151,12 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 			Value:   row.Payload,
 			Headers: []kgo.RecordHeader{{Key: "event-id", Value: []byte(row.EventID)}},
 		}
+		if row.Traceparent != nil {
+			recs[i].Headers = append(recs[i].Headers, kgo.RecordHeader{Key: "traceparent", Value: []byte(*row.Traceparent)})
+		}
+		if row.Tracestate != nil {
+			recs[i].Headers = append(recs[i].Headers, kgo.RecordHeader{Key: "tracestate", Value: []byte(*row.Tracestate)})
+		}
 	}
 	pctx, pcancel := context.WithTimeout(ctx, r.produceTimeout)
 	err = r.kafka.ProduceSync(pctx, recs...).FirstErr()
@@ -167,6 +175,12 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 		return 0, fmt.Errorf("commit published batch: %w", err)
 	}
 	r.metrics.eventsPublished.Add(int64(len(claimed)))
+	r.metrics.relayBatch.observe(float64(len(claimed)))
+	for _, row := range claimed {
+		// created_at is the order transaction's start, within milliseconds
+		// of its commit.
+		r.metrics.publishLatency.observe(time.Since(row.CreatedAt).Seconds())
+	}
 	return len(claimed), nil
 }
 

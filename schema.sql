@@ -38,6 +38,22 @@ CREATE TABLE IF NOT EXISTS outbox (
     published_at timestamptz
 );
 
+-- W3C trace context of the request that created the order (trace.go): the
+-- relay sends it as the pay-order record's traceparent and tracestate headers.
+-- ALTER TABLE takes an ACCESS EXCLUSIVE lock even when IF NOT EXISTS finds the
+-- column: a replica starting while another's relay holds claimed rows would
+-- wait for them, and every insert into outbox would queue behind it. So the
+-- ALTER runs only when the columns are missing (once, at the upgrade), and
+-- gives up after lock_timeout rather than stall the running replicas.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = 'outbox'::regclass AND attname = 'tracestate' AND NOT attisdropped) THEN
+        SET LOCAL lock_timeout = '5s';
+        ALTER TABLE outbox ADD COLUMN IF NOT EXISTS traceparent text, ADD COLUMN IF NOT EXISTS tracestate text;
+    END IF;
+END $$;
+
 -- The relay's claim reads only unpublished rows in id order; a partial index
 -- keeps that scan as small as the backlog, however many published rows wait
 -- for the purge.

@@ -74,6 +74,8 @@ type newOrder struct {
 	Description    string
 	IdempotencyKey *string
 	RequestHash    []byte
+	Traceparent    string // W3C trace context of the request, for its event
+	Tracestate     string
 }
 
 // createResult is the outcome of one request in a batch.
@@ -142,6 +144,7 @@ func writeOrders(ctx context.Context, tx pgx.Tx, topic string, in []newOrder) ([
 			if err != nil {
 				return nil, "", err
 			}
+			e.Traceparent, e.Tracestate = req.Traceparent, req.Tracestate
 			events = append(events, e)
 			results[i] = createResult{Order: o, Created: true}
 			continue
@@ -218,14 +221,16 @@ func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) 
 
 func insertOutbox(ctx context.Context, db dbtx, topic string, events []payOrderEvent) error {
 	keys, ids, payloads := make([]string, len(events)), make([]string, len(events)), make([]string, len(events))
+	parents, states := make([]string, len(events)), make([]string, len(events))
 	for i, e := range events {
-		keys[i], ids[i], payloads[i] = e.OrderID, e.EventID, string(e.JSON)
+		keys[i], ids[i], payloads[i], parents[i], states[i] = e.OrderID, e.EventID, string(e.JSON), e.Traceparent, e.Tracestate
 	}
 	_, err := db.Exec(ctx, `
-		INSERT INTO outbox (topic, key, event_id, payload)
-		SELECT $1, key, event_id, payload::json
-		FROM unnest($2::text[], $3::uuid[], $4::text[]) AS e(key, event_id, payload)`,
-		topic, keys, ids, payloads)
+		INSERT INTO outbox (topic, key, event_id, payload, traceparent, tracestate)
+		SELECT $1, key, event_id, payload::json, NULLIF(traceparent, ''), NULLIF(tracestate, '')
+		FROM unnest($2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[])
+		     AS e(key, event_id, payload, traceparent, tracestate)`,
+		topic, keys, ids, payloads, parents, states)
 	if err != nil {
 		return fmt.Errorf("insert outbox: %w", err)
 	}
@@ -333,11 +338,14 @@ func listOrders(ctx context.Context, db dbtx, userID string, after pageKey, limi
 
 // outboxRow is one claimed event.
 type outboxRow struct {
-	ID      int64  `db:"id"`
-	Topic   string `db:"topic"`
-	Key     string `db:"key"`
-	EventID string `db:"event_id"`
-	Payload []byte `db:"payload"`
+	ID          int64     `db:"id"`
+	Topic       string    `db:"topic"`
+	Key         string    `db:"key"`
+	EventID     string    `db:"event_id"`
+	Payload     []byte    `db:"payload"`
+	Traceparent *string   `db:"traceparent"`
+	Tracestate  *string   `db:"tracestate"`
+	CreatedAt   time.Time `db:"created_at"`
 }
 
 // claimOutbox locks up to limit unpublished rows. SKIP LOCKED lets several
@@ -345,7 +353,7 @@ type outboxRow struct {
 // crashed relay's locks vanish with its connection, so no row stays stuck.
 func claimOutbox(ctx context.Context, tx pgx.Tx, limit int) ([]outboxRow, error) {
 	rows, _ := tx.Query(ctx, `
-		SELECT id, topic, key, event_id, payload
+		SELECT id, topic, key, event_id, payload, traceparent, tracestate, created_at
 		FROM outbox
 		WHERE published_at IS NULL
 		ORDER BY id
@@ -397,7 +405,7 @@ func purgePublished(ctx context.Context, db dbtx, retention time.Duration, limit
 // conflicting result matches no row and changes nothing. The NOTIFY reaches
 // every replica's status listeners at commit. Each order appears at most once
 // in results: UPDATE ... FROM would apply an arbitrary one of two.
-func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymentResult) (map[string]bool, error) {
+func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymentResult) (map[string]time.Time, error) {
 	if len(results) == 0 {
 		return nil, nil
 	}
@@ -405,21 +413,28 @@ func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymen
 	for i, r := range results {
 		ids[i], statuses[i], reasons[i] = r.OrderID, r.Status, r.Reason
 	}
-	changed := map[string]bool{}
+	// changed maps each order that changed to its creation time, for the
+	// pipeline's latency.
+	changed := map[string]time.Time{}
 	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
+		clear(changed) // a retried transaction starts over
 		rows, _ := tx.Query(ctx, `
 			UPDATE orders o
 			SET status = r.status, failure_reason = r.reason, updated_at = now()
 			FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(id, status, reason)
 			WHERE o.id = r.id AND o.status = 'PENDING'
-			RETURNING o.id::text`,
+			RETURNING o.id::text, o.created_at`,
 			ids, statuses, reasons)
-		done, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		var done []string
+		var id string
+		var created time.Time
+		_, err := pgx.ForEachRow(rows, []any{&id, &created}, func() error {
+			done = append(done, id)
+			changed[id] = created
+			return nil
+		})
 		if err != nil {
 			return fmt.Errorf("apply payment results: %w", err)
-		}
-		for _, id := range done {
-			changed[id] = true
 		}
 		return notifyStatus(ctx, tx, done)
 	})
