@@ -67,8 +67,20 @@ func TestKafkaConsoleToolsSpeakTheContract(t *testing.T) {
 	if err := json.Unmarshal([]byte(value), &ev); err != nil {
 		t.Fatalf("pay-order value %q: %v", value, err)
 	}
-	if key != o.ID || ev.OrderID != o.ID || ev.Amount != 1234 || ev.UserID != user || headers != "event-id:"+ev.EventID {
-		t.Errorf("console consumer read headers %q key %q value %+v; want event-id:<event_id>, key %s", headers, key, ev, o.ID)
+	// Headers in the order the relay writes them: event-id, then the
+	// request's trace (no tracestate: the request sent none).
+	h := map[string]string{}
+	var names []string
+	for _, kv := range strings.Split(headers, ";") {
+		k, v, _ := strings.Cut(kv, ":")
+		h[k] = v
+		names = append(names, k)
+	}
+	_, tpOK := parseTraceparent(h["traceparent"])
+	if key != o.ID || ev.OrderID != o.ID || ev.Amount != 1234 || ev.UserID != user || h["event-id"] != ev.EventID ||
+		!tpOK || strings.Join(names, ",") != "event-id,traceparent" {
+		t.Errorf("console consumer read headers %q key %q value %+v; want event-id:<event_id>;traceparent:<W3C>, key %s",
+			headers, key, ev, o.ID)
 	}
 
 	// A result written by kafka-console-producer.sh is applied.
