@@ -270,14 +270,7 @@ func TestStaticMemberRestartsWithoutWaitingForTheSession(t *testing.T) {
 func wholeClusterReturns(t *testing.T, c *kafkaCluster, produceTimeout string) {
 	b, dbURL, s, user := c.serviceOnEnv(t, map[string]string{"RELAY_PRODUCE_TIMEOUT": produceTimeout})
 	c.run(t, "stop", c.dir)
-	var ids []string
-	for range 50 {
-		start := time.Now()
-		ids = append(ids, s.createOrder(t, user, 2).ID)
-		if d := time.Since(start); d > time.Second {
-			t.Errorf("POST took %s with the cluster down", d)
-		}
-	}
+	ids := createPromptly(t, s, user, 50, "with the cluster down")
 	// An outage of some seconds, so that the relay is well into its
 	// backoff when the cluster returns: the outage itself is the test.
 	time.Sleep(10 * time.Second)

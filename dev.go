@@ -104,7 +104,10 @@ func demoPayments(ctx context.Context, brokers []string, payOrderTopic, resultsT
 			// As a traced Payment Service would: the answer continues the
 			// order's trace, as a span of its own.
 			for _, h := range rec.Headers {
-				if t, ok := parseTraceparent(string(h.Value)); ok && h.Key == "traceparent" {
+				if h.Key != "traceparent" {
+					continue
+				}
+				if t, ok := parseTraceparent(string(h.Value)); ok {
 					answer.Headers = append(answer.Headers, kgo.RecordHeader{Key: "traceparent", Value: []byte(hop(t, true).String())})
 				}
 			}

@@ -53,8 +53,8 @@ var durationBuckets = []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 type histogram struct {
 	buckets []float64
-	mu      sync.Mutex // the pipeline's histograms; m.mu guards the HTTP ones
-	counts  []int64    // per bucket, not cumulative
+	mu      sync.Mutex
+	counts  []int64 // per bucket, not cumulative
 	sum     float64
 	count   int64
 }
@@ -63,14 +63,9 @@ func newHistogram(buckets []float64) *histogram {
 	return &histogram{buckets: buckets, counts: make([]int64, len(buckets))}
 }
 
-// observe is for the pipeline's histograms, which have their own lock.
 func (h *histogram) observe(v float64) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	h.add(v)
-}
-
-func (h *histogram) add(v float64) {
 	if i, _ := slices.BinarySearch(h.buckets, v); i < len(h.buckets) {
 		h.counts[i]++
 	}
@@ -80,6 +75,8 @@ func (h *histogram) add(v float64) {
 
 // writeTo writes the histogram's samples; labels is "" or `name="value",`.
 func (h *histogram) writeTo(w io.Writer, name, labels string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	var cum int64
 	for i, le := range h.buckets {
 		cum += h.counts[i]
@@ -133,14 +130,14 @@ func (m *metrics) resultsApplied(status string) {
 
 func (m *metrics) observeRequest(route string, code int, d time.Duration) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	m.requests[requestKey{route, code}]++
 	h := m.duration[route]
 	if h == nil {
 		h = newHistogram(durationBuckets)
 		m.duration[route] = h
 	}
-	h.add(d.Seconds())
+	m.mu.Unlock()
+	h.observe(d.Seconds())
 }
 
 // instrument records every request under its route pattern, never its raw
@@ -213,9 +210,7 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 		{"outbox_relay_batch_records", "Records per batch the relay published.", m.relayBatch},
 	} {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s histogram\n", p.name, p.help, p.name)
-		p.h.mu.Lock()
 		p.h.writeTo(w, p.name, "")
-		p.h.mu.Unlock()
 	}
 
 	up := 1
