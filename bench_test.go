@@ -47,6 +47,11 @@ var tpsRE = regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection tim
 // pgbenchCeiling runs a pgbench script of testdata with 16 clients on a fresh
 // schema and returns its transactions per second.
 func pgbenchCeiling(b *testing.B, script string, d time.Duration) float64 {
+	return pgbenchWith(b, script, 16, d)
+}
+
+// pgbenchWith runs a pgbench script of testdata with the given clients.
+func pgbenchWith(b *testing.B, script string, clients int, d time.Duration) float64 {
 	b.Helper()
 	path, err := exec.LookPath("pgbench")
 	if err != nil {
@@ -59,7 +64,7 @@ func pgbenchCeiling(b *testing.B, script string, d time.Duration) float64 {
 	}
 	cc := testDB.Config().ConnConfig
 	secs := max(1, int(d.Seconds()))
-	cmd := exec.Command(path, "-n", "-f", script, "-c", "16", "-j", "2", "-T", strconv.Itoa(secs),
+	cmd := exec.Command(path, "-n", "-f", script, "-c", strconv.Itoa(clients), "-j", strconv.Itoa(min(clients, 2)), "-T", strconv.Itoa(secs),
 		"-h", cc.Host, "-p", strconv.Itoa(int(cc.Port)), "-U", cc.User, cc.Database)
 	cmd.Env = append(os.Environ(), "PGOPTIONS=-c search_path="+schema, "PGPASSWORD="+cc.Password)
 	out, err := cmd.CombinedOutput()
@@ -111,20 +116,23 @@ func peakRSS(b *testing.B, c *child) float64 {
 }
 
 // load posts orders from n keep-alive connections for d; it returns the
-// orders created per second and fails on any answer but 201.
-func load(b *testing.B, baseURL string, n int, d time.Duration) float64 {
+// orders created per second and the 99th percentile of their latency, and
+// fails on any answer but 201.
+func load(b *testing.B, baseURL string, n int, d time.Duration) (rate float64, p99 time.Duration) {
 	b.Helper()
 	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: n, MaxConnsPerHost: n}}
 	var created, failed atomic.Int64
 	deadline := time.Now().Add(d)
 	start := time.Now()
 	var wg sync.WaitGroup
+	lat := make([][]time.Duration, n) // one slice per connection: no lock on the hot path
 	for w := range n {
 		user := fmt.Sprintf("bench-%d", w)
 		wg.Go(func() {
 			for time.Now().Before(deadline) {
 				req, _ := http.NewRequest("POST", baseURL+"/orders", strings.NewReader(`{"amount": 1500, "description": "bench"}`))
 				req.Header.Set("X-User-Id", user)
+				sent := time.Now()
 				resp, err := client.Do(req)
 				if err != nil {
 					failed.Add(1)
@@ -134,6 +142,7 @@ func load(b *testing.B, baseURL string, n int, d time.Duration) float64 {
 				resp.Body.Close()
 				if resp.StatusCode == http.StatusCreated {
 					created.Add(1)
+					lat[w] = append(lat[w], time.Since(sent))
 				} else {
 					failed.Add(1)
 				}
@@ -144,7 +153,12 @@ func load(b *testing.B, baseURL string, n int, d time.Duration) float64 {
 	if f := failed.Load(); f > 0 {
 		b.Errorf("%d requests failed during the load", f)
 	}
-	return float64(created.Load()) / time.Since(start).Seconds()
+	all := slices.Concat(lat...)
+	slices.Sort(all)
+	if len(all) > 0 {
+		p99 = all[len(all)*99/100]
+	}
+	return float64(created.Load()) / time.Since(start).Seconds(), p99
 }
 
 // BenchmarkCreateThroughput: POST /orders from 16 connections with the relay
@@ -171,7 +185,8 @@ func BenchmarkCreateThroughput(b *testing.B) {
 				notifying := pgbenchCeiling(b, "testdata/pgbench_create_order.sql", d)
 				br := newBroker(b, true)
 				c, _ := benchService(b, br, mode.env)
-				rate := load(b, c.url, 16, d)
+				rate, p99 := load(b, c.url, 16, d)
+				b.ReportMetric(float64(p99.Microseconds())/1000, "p99_ms")
 				b.ReportMetric(ceiling, "pgbench_tps")
 				b.ReportMetric(notifying, "pgbench_notify_tps")
 				b.ReportMetric(rate, "orders/s")
@@ -302,18 +317,43 @@ func seedOutbox(b *testing.B, dbURL, topic string) {
 	}
 }
 
-// BenchmarkBacklogDrain: 20,000 unpublished outbox rows (as after a broker
-// outage) appear at once; events per second until all are on pay-order.
+// BenchmarkBacklogDrain: 1,000, 20,000 or 200,000 unpublished outbox rows (as
+// after a broker outage) appear at once; events per second until all are on
+// pay-order. How the drain rate changes with the backlog is the curve.
 func BenchmarkBacklogDrain(b *testing.B) {
-	const n = 20000
-	for range b.N {
-		br := newBroker(b, true)
-		_, dbURL := benchService(b, br, nil)
-		seedOrders(b, dbURL, n)
-		start := time.Now()
-		seedOutbox(b, dbURL, br.topic(topicPayOrder))
-		waitFor(b, 120*time.Second, "backlog on pay-order", func() bool { return endOffsets(b, br, br.topic(topicPayOrder)) >= n })
-		b.ReportMetric(n/time.Since(start).Seconds(), "events/s")
+	for _, n := range []int{1000, 20000, 200000} {
+		b.Run(fmt.Sprintf("backlog_%d", n), func(b *testing.B) {
+			for range b.N {
+				br := newBroker(b, true)
+				_, dbURL := benchService(b, br, nil)
+				seedOrders(b, dbURL, n)
+				start := time.Now()
+				seedOutbox(b, dbURL, br.topic(topicPayOrder))
+				waitFor(b, 300*time.Second, "backlog on pay-order", func() bool { return endOffsets(b, br, br.topic(topicPayOrder)) >= int64(n) })
+				b.ReportMetric(float64(n)/time.Since(start).Seconds(), "events/s")
+			}
+		})
+	}
+}
+
+// BenchmarkCreateCurve: how create throughput and p99 latency change with the
+// number of connections (1, 4, 16, 64), each beside pgbench without NOTIFY
+// running the same two inserts with as many clients, in the same run.
+func BenchmarkCreateCurve(b *testing.B) {
+	for _, conns := range []int{1, 4, 16, 64} {
+		b.Run(fmt.Sprintf("conns_%d", conns), func(b *testing.B) {
+			d := benchDuration(b)
+			for range b.N {
+				ceiling := pgbenchWith(b, "testdata/pgbench_create_order_nonotify.sql", conns, d)
+				br := newBroker(b, true)
+				c, _ := benchService(b, br, nil)
+				rate, p99 := load(b, c.url, conns, d)
+				b.ReportMetric(rate, "orders/s")
+				b.ReportMetric(float64(p99.Microseconds())/1000, "p99_ms")
+				b.ReportMetric(ceiling, "pgbench_tps")
+				b.ReportMetric(rate/ceiling, "ratio")
+			}
+		})
 	}
 }
 
