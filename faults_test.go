@@ -471,12 +471,66 @@ func TestRelayPublishesSoonAfterBrokerTakesWritesAgain(t *testing.T) {
 	}
 }
 
+// A partition that takes no write does not hold back the events of the other
+// partitions: the relay marks what the broker acknowledged and leaves the
+// rest for the next try. (Against a 3-node cluster this is a killed leader:
+// its partitions wait for a new one, the others go on.)
+func TestRelayPublishesThePartitionsThatTakeWrites(t *testing.T) {
+	b, dbURL, s, user := startWithBrokerFaults(t)
+	const (
+		normal = iota
+		refuseAll
+		refusePartition0 // the others acknowledged (and not stored: the test reads the outbox)
+	)
+	var mode atomic.Int32
+	mode.Store(refuseAll)
+	b.cluster.ControlKey(kmsg.Produce.Int16(), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		m := mode.Load()
+		if m == normal {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		resp := refuseProduce(req.(*kmsg.ProduceRequest), kerr.NotEnoughReplicas)
+		for i := range resp.Topics {
+			for j := range resp.Topics[i].Partitions {
+				if p := &resp.Topics[i].Partitions[j]; m == refusePartition0 && p.Partition != 0 {
+					p.ErrorCode = 0
+				}
+			}
+		}
+		return resp, nil, true
+	})
+	// Thirty orders wait in the outbox, so that every claim holds records
+	// of every partition.
+	var ids []string
+	for range 30 {
+		ids = append(ids, s.createOrder(t, user, 2).ID)
+	}
+	published := func() int {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = ANY($1) AND published_at IS NOT NULL`, ids)
+	}
+	if n := published(); n != 0 {
+		t.Fatalf("%d events published while every write was refused", n)
+	}
+	// One try of all thirty has failed: from now on each claim holds them all.
+	waitFor(t, 10*time.Second, "a failed try of all 30 records", func() bool {
+		return strings.Contains(s.logs.String(), "of 30 records")
+	})
+	mode.Store(refusePartition0)
+	waitFor(t, 10*time.Second, "the events of partitions 1 and 2 published while partition 0 refuses", func() bool { return published() > 0 })
+	if n := published(); n == len(ids) {
+		t.Errorf("all %d events published while partition 0 refused every write", n)
+	}
+	mode.Store(normal)
+	waitDrained(t, dbURL)
+}
+
 // refuseProduce answers every partition of req with code.
 func refuseProduce(req *kmsg.ProduceRequest, code *kerr.Error) *kmsg.ProduceResponse {
 	resp := req.ResponseKind().(*kmsg.ProduceResponse)
 	for _, rt := range req.Topics {
 		st := kmsg.NewProduceResponseTopic()
-		st.Topic = rt.Topic
+		st.Topic, st.TopicID = rt.Topic, rt.TopicID // v13 names topics by id
 		for _, rp := range rt.Partitions {
 			sp := kmsg.NewProduceResponseTopicPartition()
 			sp.Partition = rp.Partition

@@ -3,6 +3,7 @@ package main
 // outbox.go is the relay: it moves committed outbox rows to Kafka.
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -159,29 +160,50 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 		}
 	}
 	pctx, pcancel := context.WithTimeout(ctx, r.produceTimeout)
-	err = r.kafka.ProduceSync(pctx, recs...).FirstErr()
+	results := r.kafka.ProduceSync(pctx, recs...)
 	pcancel()
-	if err != nil {
-		// Rolling back releases the rows for the next try. Records of this
-		// batch that did reach the broker will be sent again: at least once.
-		return 0, fmt.Errorf("produce %d records: %w", len(recs), produceError{err})
+	// Mark what the broker acknowledged, even when some records failed: a
+	// partition without a leader must not hold back the events of the
+	// others. The failed rows stay unpublished and are released at commit
+	// for the next try; a failed record that did reach the broker will be
+	// sent again: at least once.
+	index := make(map[*kgo.Record]int, len(recs)) // results come in completion order
+	for i, rec := range recs {
+		index[rec] = i
 	}
-	// A crash from here to Commit repeats the batch on the next claim; the
-	// consumer of pay-order dedupes on event_id.
-	if err := markPublished(ctx, tx, ids); err != nil {
-		return 0, err
+	var published []outboxRow
+	var publishedIDs []int64
+	var produceErr error
+	for _, res := range results {
+		if res.Err != nil {
+			produceErr = cmp.Or(produceErr, res.Err)
+			continue
+		}
+		i := index[res.Record]
+		published = append(published, claimed[i])
+		publishedIDs = append(publishedIDs, ids[i])
 	}
-	if err := tx.Commit(ctx); err != nil {
-		return 0, fmt.Errorf("commit published batch: %w", err)
+	if len(published) > 0 {
+		// A crash from here to Commit repeats these on the next claim; the
+		// consumer of pay-order dedupes on event_id.
+		if err := markPublished(ctx, tx, publishedIDs); err != nil {
+			return 0, err
+		}
+		if err := tx.Commit(ctx); err != nil {
+			return 0, fmt.Errorf("commit published batch: %w", err)
+		}
+		r.metrics.eventsPublished.Add(int64(len(published)))
+		r.metrics.relayBatch.observe(float64(len(published)))
+		for _, row := range published {
+			// created_at is the order transaction's start, within
+			// milliseconds of its commit.
+			r.metrics.publishLatency.observe(time.Since(row.CreatedAt).Seconds())
+		}
 	}
-	r.metrics.eventsPublished.Add(int64(len(claimed)))
-	r.metrics.relayBatch.observe(float64(len(claimed)))
-	for _, row := range claimed {
-		// created_at is the order transaction's start, within milliseconds
-		// of its commit.
-		r.metrics.publishLatency.observe(time.Since(row.CreatedAt).Seconds())
+	if produceErr != nil {
+		return len(published), fmt.Errorf("produce %d of %d records: %w", len(recs)-len(published), len(recs), produceError{produceErr})
 	}
-	return len(claimed), nil
+	return len(published), nil
 }
 
 // produceError marks a batch that failed at the broker, not at the database.
