@@ -96,15 +96,6 @@ func jsonLogLine(t *testing.T, s *service, msg, orderID string) map[string]any {
 	return found
 }
 
-func recordHeader(r *kgo.Record, key string) string {
-	for _, h := range r.Headers {
-		if h.Key == key {
-			return string(h.Value)
-		}
-	}
-	return ""
-}
-
 // payOrderRecord reads the pay-order record of an order.
 func payOrderRecordOf(t *testing.T, b *broker, orderID string) *kgo.Record {
 	t.Helper()
@@ -144,12 +135,12 @@ func TestTraceContextCrossesTheOutbox(t *testing.T) {
 		t.Errorf("request log line %v: want trace_id %s, request_id req-42", l, trace)
 	}
 	rec := payOrderRecordOf(t, b, o.ID)
-	tp, ok := parseTraceparent(recordHeader(rec, "traceparent"))
+	tp, ok := parseTraceparent(headerMap(rec)["traceparent"])
 	if !ok || tp.traceID() != trace || fmt.Sprintf("%x", tp.SpanID) == parent || tp.Flags != 1 {
 		t.Errorf("pay-order traceparent %q: want trace %s with this service's span as parent, not the caller's %s",
-			recordHeader(rec, "traceparent"), trace, parent)
+			headerMap(rec)["traceparent"], trace, parent)
 	}
-	if ts := recordHeader(rec, "tracestate"); ts != "congo=t61rcWkgMzE" {
+	if ts := headerMap(rec)["tracestate"]; ts != "congo=t61rcWkgMzE" {
 		t.Errorf("pay-order tracestate %q", ts)
 	}
 
@@ -180,10 +171,10 @@ func TestTraceContextCrossesTheOutbox(t *testing.T) {
 	}
 	o2 := r.order(t)
 	rec = payOrderRecordOf(t, b, o2.ID)
-	tp2, ok := parseTraceparent(recordHeader(rec, "traceparent"))
-	if !ok || tp2.traceID() == trace || recordHeader(rec, "tracestate") != "" {
+	tp2, ok := parseTraceparent(headerMap(rec)["traceparent"])
+	if !ok || tp2.traceID() == trace || headerMap(rec)["tracestate"] != "" {
 		t.Errorf("pay-order after a malformed traceparent: traceparent %q, tracestate %q; want a new trace, no tracestate",
-			recordHeader(rec, "traceparent"), recordHeader(rec, "tracestate"))
+			headerMap(rec)["traceparent"], headerMap(rec)["tracestate"])
 	}
 	if l := jsonLogLine(t, s, "order created", o2.ID); l["trace_id"] != tp2.traceID() || l["request_id"] != r.header.Get("X-Request-Id") {
 		t.Errorf("request log line %v: want the new trace %s and request id %s", l, tp2.traceID(), r.header.Get("X-Request-Id"))
