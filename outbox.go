@@ -12,6 +12,7 @@ import (
 	"math/rand/v2"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -140,9 +141,7 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	}
 
 	recs := make([]*kgo.Record, len(claimed))
-	ids := make([]int64, len(claimed))
 	for i, row := range claimed {
-		ids[i] = row.ID
 		// The record timestamp is left to the client (now): a backlog
 		// published late must not inherit an age that retention would
 		// delete at once.
@@ -172,7 +171,7 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 		index[rec] = i
 	}
 	var published []outboxRow
-	var publishedIDs []int64
+	var publishedRows []pgtype.TID
 	var produceErr error
 	for _, res := range results {
 		if res.Err != nil {
@@ -181,12 +180,12 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 		}
 		i := index[res.Record]
 		published = append(published, claimed[i])
-		publishedIDs = append(publishedIDs, ids[i])
+		publishedRows = append(publishedRows, claimed[i].CTID)
 	}
 	if len(published) > 0 {
 		// A crash from here to Commit repeats these on the next claim; the
 		// consumer of pay-order dedupes on event_id.
-		if err := markPublished(ctx, tx, publishedIDs); err != nil {
+		if err := markPublished(ctx, tx, publishedRows); err != nil {
 			return 0, err
 		}
 		if err := tx.Commit(ctx); err != nil {
