@@ -30,10 +30,11 @@ type orderWriter struct {
 	maxBatch int
 	queue    chan *createRequest
 	metrics  *metrics
+	created  func() // after a commit that wrote outbox rows: wakes the relays
 }
 
-func newOrderWriter(db *pgxpool.Pool, topic string, maxBatch int, m *metrics) *orderWriter {
-	return &orderWriter{db: db, topic: topic, maxBatch: maxBatch, queue: make(chan *createRequest), metrics: m}
+func newOrderWriter(db *pgxpool.Pool, topic string, maxBatch int, m *metrics, created func()) *orderWriter {
+	return &orderWriter{db: db, topic: topic, maxBatch: maxBatch, queue: make(chan *createRequest), metrics: m, created: created}
 }
 
 // create writes one order, in a transaction it may share with others.
@@ -131,6 +132,9 @@ func (w *orderWriter) write(batch []*createRequest) {
 		return
 	}
 	w.metrics.orderBatches.Add(1)
+	if err == nil && slices.ContainsFunc(results, func(r createResult) bool { return r.Created }) {
+		w.created()
+	}
 	for i, r := range live {
 		if err != nil {
 			r.done <- createResult{Err: err}

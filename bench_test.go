@@ -309,8 +309,7 @@ func seedOutbox(b *testing.B, dbURL, topic string) {
 			FROM e`, topic); err != nil {
 			return err
 		}
-		_, err := notifyOutbox(context.Background(), tx)
-		return err
+		return notify(context.Background(), tx, outboxChannel, "")
 	})
 	if err != nil {
 		b.Fatal(err)

@@ -835,7 +835,8 @@ func TestTwoReplicasPublishAllOnceAndApplyResultsOnce(t *testing.T) {
 // A relay whose broker stalls holds its claimed rows, and the other replica's
 // relay publishes everything else meanwhile: SKIP LOCKED, not waiting on the
 // held rows. The replicas share the database but not the broker, so that
-// only one of them stalls.
+// only one of them stalls. The other replica never polls: it learns of the
+// stalled one's new orders only from its announcement (notifier.announce).
 func TestStalledReplicaDoesNotHoldUpTheOther(t *testing.T) {
 	bA, bB := newBroker(t, true), newBroker(t, true)
 	dbURL := newSchema(t)
@@ -850,14 +851,20 @@ func TestStalledReplicaDoesNotHoldUpTheOther(t *testing.T) {
 	held := a.createOrder(t, user, 2)
 	waitLocked(t, dbURL)
 
+	// B's broker, with A's topic names: the replicas' outbox rows name
+	// their topic, so both must use the same ones.
 	envB := serviceEnv(dbURL, bB)
-	envB["KAFKA_TOPIC_PREFIX"] = bB.prefix
+	envB["KAFKA_TOPIC_PREFIX"] = bA.prefix
+	envB["RELAY_POLL_INTERVAL"] = "1h"
+	bB = &broker{addrs: bB.addrs, prefix: bA.prefix, cluster: bB.cluster}
 	b := startService(t, envB)
 	var ids []string
 	for range 20 {
 		ids = append(ids, b.createOrder(t, user, 3).ID)
 	}
 	readPayOrders(t, bB, ids, 10*time.Second)
+	fromA := a.createOrder(t, user, 4)
+	readPayOrders(t, bB, []string{fromA.ID}, 5*time.Second)
 	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1 AND published_at IS NULL`, held.ID); n != 1 {
 		t.Errorf("the stalled replica's row was published meanwhile")
 	}

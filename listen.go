@@ -3,13 +3,16 @@ package main
 // listen.go is the service's one LISTEN connection and its in-process
 // fan-out: the relay waits on it for new outbox rows, and the Server-Sent
 // Events of GET /orders/{id}/events wait on it for status changes applied by
-// any replica.
+// any replica. It also announces this process's new outbox rows to the
+// others (announce).
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -25,8 +28,11 @@ type notifier struct {
 	log      *slog.Logger
 	channels []string
 
-	mu   sync.Mutex
-	subs map[*subscription]struct{}
+	mu      sync.Mutex
+	subs    map[*subscription]struct{}
+	pending map[string]struct{} // channels announced, not yet notified
+	kick    chan struct{}
+	self    string // the payload of this process's announcements
 }
 
 type subscription struct {
@@ -35,7 +41,56 @@ type subscription struct {
 }
 
 func newNotifier(db *pgxpool.Pool, log *slog.Logger, channels ...string) *notifier {
-	return &notifier{db: db, log: log, channels: channels, subs: map[*subscription]struct{}{}}
+	return &notifier{db: db, log: log, channels: channels, subs: map[*subscription]struct{}{},
+		pending: map[string]struct{}{}, kick: make(chan struct{}, 1), self: newUUID()}
+}
+
+// peerNotifyInterval is the most often announce sends a NOTIFY.
+const peerNotifyInterval = 50 * time.Millisecond
+
+// announce wakes the subscribers of channel: this process's at once, other
+// processes' (other replicas) through a NOTIFY within peerNotifyInterval.
+//
+// The transactions that write outbox rows send no NOTIFY themselves: a
+// notifying commit holds a cluster-wide lock through its WAL flush, so every
+// order commit would wait for the one before it. The relay that needs waking
+// is nearly always this process's own; the others need far fewer
+// notifications than there are commits, and poll in any case.
+func (n *notifier) announce(channel string) {
+	n.signal(channel, "")
+	n.mu.Lock()
+	n.pending[channel] = struct{}{}
+	n.mu.Unlock()
+	select {
+	case n.kick <- struct{}{}:
+	default:
+	}
+}
+
+// notifyPeers sends announce's notifications until ctx ends: the first at
+// once, then at most one per peerNotifyInterval, whatever was announced
+// meanwhile folded into it.
+func (n *notifier) notifyPeers(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-n.kick:
+		}
+		n.mu.Lock()
+		channels := slices.Collect(maps.Keys(n.pending))
+		clear(n.pending)
+		n.mu.Unlock()
+		for _, ch := range channels {
+			nctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			if err := notify(nctx, n.db, ch, n.self); err != nil && ctx.Err() == nil {
+				// The other replicas poll: they are late, not stuck.
+				n.log.WarnContext(ctx, "could not notify the other replicas", "err", err)
+			}
+			cancel()
+		}
+		sleep(ctx, peerNotifyInterval)
+	}
 }
 
 // subscribe returns a signal that fires after a matching notification. It
@@ -74,6 +129,9 @@ func (n *notifier) signal(channel, payload string) {
 // in a row: a connection that was up starts the count again, so drops spread
 // over a process's life each reconnect at once.
 func (n *notifier) run(ctx context.Context) {
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { n.notifyPeers(ctx) })
 	for failures := 1; ctx.Err() == nil; failures++ {
 		listened, err := n.listen(ctx)
 		if ctx.Err() != nil {
@@ -117,6 +175,9 @@ func (n *notifier) listen(ctx context.Context) (listened bool, err error) {
 		msg, err := conn.WaitForNotification(wctx)
 		cancel()
 		switch {
+		case err == nil && msg.Payload == n.self:
+			// This process's own announcement: its subscribers were
+			// woken when it was made.
 		case err == nil:
 			n.signal(msg.Channel, msg.Payload)
 		case ctx.Err() != nil:

@@ -233,12 +233,13 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		ensureTopics(workCtx, producer, log, cfg.TopicPartitions,
 			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
 	})
-	orders := newOrderWriter(db, cfg.topic(topicPayOrder), cfg.CreateBatchMax, m)
+	notes := newNotifier(db, log, outboxChannel, statusChannel)
+	wg.Go(func() { notes.run(workCtx) })
+	orders := newOrderWriter(db, cfg.topic(topicPayOrder), cfg.CreateBatchMax, m,
+		func() { notes.announce(outboxChannel) })
 	// Few writers make big batches: while one waits for its commit, the
 	// requests arriving meanwhile gather for the next one.
 	wg.Go(func() { orders.run(workCtx, cfg.CreateWriters) })
-	notes := newNotifier(db, log, outboxChannel, statusChannel)
-	wg.Go(func() { notes.run(workCtx) })
 	wake, _ := notes.subscribe(outboxChannel, "")
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
 		pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout,

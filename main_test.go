@@ -1445,7 +1445,8 @@ func TestSharedCommitKeepsPerRequestOutcomes(t *testing.T) {
 	if err := applySchema(context.Background(), db); err != nil {
 		t.Fatal(err)
 	}
-	w := newOrderWriter(db, "pay-order", 64, newMetrics())
+	var announced atomic.Int32 // commits that wrote outbox rows
+	w := newOrderWriter(db, "pay-order", 64, newMetrics(), func() { announced.Add(1) })
 	key := func(s string) *string { return &s }
 	order := func(user string, amount int64, k *string) newOrder {
 		return newOrder{ID: newUUID(), UserID: user, Amount: amount, IdempotencyKey: k, RequestHash: []byte{byte(amount)}}
@@ -1466,6 +1467,17 @@ func TestSharedCommitKeepsPerRequestOutcomes(t *testing.T) {
 	}
 	if n := count(t, dbURL, `SELECT count(*) FROM outbox`); n != 2 {
 		t.Errorf("%d outbox rows, want 2", n)
+	}
+	if n := announced.Load(); n != 1 {
+		t.Errorf("the batch's commit announced new outbox rows %d times, want 1", n)
+	}
+	// A batch of replays writes no event, and wakes no relay.
+	before := announced.Load()
+	if res := writeBatch(t, w, order("u1", 1, key("k"))); res[0].Created || res[0].Err != nil {
+		t.Errorf("replay alone: %+v", res[0])
+	}
+	if n := announced.Load(); n != before {
+		t.Errorf("a commit without new outbox rows announced them")
 	}
 
 	// One row the database rejects (amount 0 passes no CHECK) must not

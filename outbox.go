@@ -5,7 +5,6 @@ package main
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,30 +16,6 @@ import (
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
-
-// payOrderEvent is a pay-order record as the outbox stores it.
-type payOrderEvent struct {
-	EventID     string
-	OrderID     string // the record key
-	JSON        []byte
-	Traceparent string // W3C trace context: the creating request's span
-	Tracestate  string
-}
-
-// payOrderPayload builds the pay-order value of the Kafka contract.
-func payOrderPayload(eventID string, o Order) (payOrderEvent, error) {
-	b, err := json.Marshal(struct {
-		EventID   string    `json:"event_id"`
-		OrderID   string    `json:"order_id"`
-		UserID    string    `json:"user_id"`
-		Amount    int64     `json:"amount"`
-		CreatedAt time.Time `json:"created_at"`
-	}{eventID, o.ID, o.UserID, o.Amount, o.CreatedAt})
-	if err != nil {
-		return payOrderEvent{}, fmt.Errorf("encode pay-order event: %w", err)
-	}
-	return payOrderEvent{EventID: eventID, OrderID: o.ID, JSON: b}, nil
-}
 
 type relay struct {
 	db    *pgxpool.Pool

@@ -87,29 +87,53 @@ type createResult struct {
 }
 
 // createOrders is the transactional outbox: every order row and the event
-// that announces it commit together or not at all, and the NOTIFY that wakes
-// the relay is delivered only on that commit. It writes a whole batch of
+// that announces it commit together or not at all. It writes a whole batch of
 // requests in one transaction (see orderWriter), so concurrent requests share
 // one commit, one WAL flush; results[i] answers in[i].
+//
+// It costs two round trips: BEGIN and the one statement that writes orders
+// and events go together in a pipeline, and COMMIT follows once the server
+// has answered with the transaction's id. The commit sends no NOTIFY: that
+// takes a cluster-wide lock held through the WAL flush, and would make every
+// order commit wait for the one before it. The caller wakes the relays once
+// the commit is done (see notifier.announce).
 //
 // When COMMIT was sent but no answer came back (the connection broke, or ctx
 // ended while the server was committing), the outcome is unknown to us and
 // the error is a *commitUnknownError carrying the transaction id, so that
 // the caller can ask the server what became of it (xactStatus).
 func createOrders(ctx context.Context, db *pgxpool.Pool, topic string, in []newOrder) ([]createResult, error) {
-	tx, err := db.Begin(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("begin orders: %w", err)
-	}
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	inserted, xid := queueInsertOrders(b, topic, in)
+	br := db.SendBatch(ctx, b)
+	tx := br.Tx()
 	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
-	results, xid, err := writeOrders(ctx, tx, topic, in)
-	if err != nil {
-		return nil, err
+	if err := br.Close(); err != nil {
+		return nil, fmt.Errorf("write orders: %w", err)
+	}
+	results := make([]createResult, len(in))
+	for i, req := range in {
+		if o, ok := inserted[req.ID]; ok {
+			results[i] = createResult{Order: o, Created: true}
+			continue
+		}
+		// ON CONFLICT skipped it: the key was used before, by an
+		// earlier request (whose transaction ON CONFLICT waited for)
+		// or by one earlier in this batch.
+		o, hash, err := getOrderByIdempotencyKey(ctx, tx, req.UserID, *req.IdempotencyKey)
+		if err != nil {
+			return nil, err
+		}
+		results[i] = createResult{Order: o}
+		if string(hash) != string(req.RequestHash) {
+			results[i] = createResult{Err: errIdempotencyConflict}
+		}
 	}
 	if err := tx.Commit(ctx); err != nil {
 		var pgErr *pgconn.PgError
-		if xid != "" && !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
-			return nil, &commitUnknownError{xid: xid, err: err, results: results}
+		if *xid != "" && !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
+			return nil, &commitUnknownError{xid: *xid, err: err, results: results}
 		}
 		return nil, fmt.Errorf("commit orders: %w", err)
 	}
@@ -130,79 +154,62 @@ func (e *commitUnknownError) Error() string {
 
 func (e *commitUnknownError) Unwrap() error { return e.err }
 
-// writeOrders is the body of createOrders' transaction. It returns the
-// transaction id when it wrote anything.
-func writeOrders(ctx context.Context, tx pgx.Tx, topic string, in []newOrder) ([]createResult, string, error) {
-	results := make([]createResult, len(in))
-	inserted, err := insertOrders(ctx, tx, in)
-	if err != nil {
-		return nil, "", err
-	}
-	var events []payOrderEvent
-	for i, req := range in {
-		if o, ok := inserted[req.ID]; ok {
-			e, err := payOrderPayload(newUUID(), o)
-			if err != nil {
-				return nil, "", err
-			}
-			e.Traceparent, e.Tracestate = req.Traceparent, req.Tracestate
-			events = append(events, e)
-			results[i] = createResult{Order: o, Created: true}
-			continue
-		}
-		// ON CONFLICT skipped it: the key was used before, by an
-		// earlier request (whose transaction ON CONFLICT waited for)
-		// or by one earlier in this batch.
-		o, hash, err := getOrderByIdempotencyKey(ctx, tx, req.UserID, *req.IdempotencyKey)
-		if err != nil {
-			return nil, "", err
-		}
-		results[i] = createResult{Order: o}
-		if string(hash) != string(req.RequestHash) {
-			results[i] = createResult{Err: errIdempotencyConflict}
-		}
-	}
-	if len(events) == 0 {
-		return results, "", nil
-	}
-	if err := insertOutbox(ctx, tx, topic, events); err != nil {
-		return nil, "", err
-	}
-	xid, err := notifyOutbox(ctx, tx)
-	if err != nil {
-		return nil, "", err
-	}
-	return results, xid, nil
-}
-
-// insertOrders inserts the batch in its given order and returns the rows it
-// inserted by id; a row whose (user, Idempotency-Key) exists is skipped. The
-// caller sorts batches by key, so two batches lock keys in the same order and
-// cannot deadlock.
-func insertOrders(ctx context.Context, db dbtx, in []newOrder) (map[string]Order, error) {
+// queueInsertOrders queues the statement that inserts the batch's orders in
+// their given order, each with its pay-order event in the outbox. Once the
+// batch is read, inserted holds the rows it inserted by id (a row whose
+// (user, Idempotency-Key) exists is skipped, and has no event), and xid the
+// transaction's id ("" if it inserted nothing). The caller sorts batches by
+// key, so two batches lock keys in the same order and cannot deadlock.
+//
+// The event is built here, from the inserted row, so that it needs no round
+// trip of its own. Its payload is row_to_json of (event_id, order_id,
+// user_id, amount, created_at), created_at in the session's time zone (UTC,
+// see connectDB); the relay sends it byte for byte. Its event_id is a version
+// 7 UUID made here, like the order's id, so that the unique index on it grows
+// at its right edge.
+func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[string]Order, xid *string) {
 	ids, users, descs := make([]string, len(in)), make([]string, len(in)), make([]string, len(in))
 	amounts, keys, hashes := make([]int64, len(in)), make([]*string, len(in)), make([][]byte, len(in))
+	events, parents, states := make([]string, len(in)), make([]string, len(in)), make([]string, len(in))
 	for i, o := range in {
 		ids[i], users[i], amounts[i], descs[i], keys[i], hashes[i] = o.ID, o.UserID, o.Amount, o.Description, o.IdempotencyKey, o.RequestHash
+		events[i], parents[i], states[i] = newUUID(), o.Traceparent, o.Tracestate
 	}
-	rows, _ := db.Query(ctx, `
-		INSERT INTO orders (id, user_id, amount, description, idempotency_key, request_hash)
-		SELECT id, user_id, amount, description, idempotency_key, request_hash
-		FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::bytea[])
-		     WITH ORDINALITY AS r(id, user_id, amount, description, idempotency_key, request_hash, n)
-		ORDER BY n
-		ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-		RETURNING id, user_id, amount, description, status, failure_reason, created_at, updated_at`,
-		ids, users, amounts, descs, keys, hashes)
-	orders, err := pgx.CollectRows(rows, pgx.RowToStructByName[Order])
-	if err != nil {
-		return nil, fmt.Errorf("insert orders: %w", err)
-	}
-	byID := make(map[string]Order, len(orders))
-	for _, o := range orders {
-		byID[o.ID] = o.utc()
-	}
-	return byID, nil
+	inserted, xid = make(map[string]Order, len(in)), new(string)
+	b.Queue(`
+		WITH r AS (
+		    SELECT * FROM unnest($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::uuid[], $9::text[], $10::text[])
+		         WITH ORDINALITY AS r(id, user_id, amount, description, idempotency_key, request_hash, event_id, traceparent, tracestate, n)
+		), o AS (
+		    INSERT INTO orders (id, user_id, amount, description, idempotency_key, request_hash)
+		    SELECT id, user_id, amount, description, idempotency_key, request_hash FROM r ORDER BY n
+		    ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+		    RETURNING id, user_id, amount, description, status, failure_reason, created_at, updated_at
+		), e AS (
+		    INSERT INTO outbox (topic, key, event_id, payload, traceparent, tracestate)
+		    SELECT $1, p.order_id::text, p.event_id, to_json(p), NULLIF(r.traceparent, ''), NULLIF(r.tracestate, '')
+		    FROM o JOIN r USING (id)
+		         CROSS JOIN LATERAL (SELECT r.event_id, o.id AS order_id, o.user_id, o.amount, o.created_at) p
+		    ORDER BY r.n
+		)
+		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at, pg_current_xact_id()::text
+		FROM o`,
+		topic, ids, users, amounts, descs, keys, hashes, events, parents, states,
+	).Query(func(rows pgx.Rows) error {
+		for rows.Next() {
+			var o Order
+			if err := rows.Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
+				&o.CreatedAt, &o.UpdatedAt, xid); err != nil {
+				return fmt.Errorf("insert orders: %w", err)
+			}
+			inserted[o.ID] = o.utc()
+		}
+		if err := rows.Err(); err != nil {
+			return fmt.Errorf("insert orders: %w", err)
+		}
+		return nil
+	})
+	return inserted, xid
 }
 
 func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) (Order, []byte, error) {
@@ -220,33 +227,13 @@ func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) 
 	return o.utc(), hash, nil
 }
 
-func insertOutbox(ctx context.Context, db dbtx, topic string, events []payOrderEvent) error {
-	keys, ids, payloads := make([]string, len(events)), make([]string, len(events)), make([]string, len(events))
-	parents, states := make([]string, len(events)), make([]string, len(events))
-	for i, e := range events {
-		keys[i], ids[i], payloads[i], parents[i], states[i] = e.OrderID, e.EventID, string(e.JSON), e.Traceparent, e.Tracestate
-	}
-	_, err := db.Exec(ctx, `
-		INSERT INTO outbox (topic, key, event_id, payload, traceparent, tracestate)
-		SELECT $1, key, event_id, payload::json, NULLIF(traceparent, ''), NULLIF(tracestate, '')
-		FROM unnest($2::text[], $3::uuid[], $4::text[], $5::text[], $6::text[])
-		     AS e(key, event_id, payload, traceparent, tracestate)`,
-		topic, keys, ids, payloads, parents, states)
-	if err != nil {
-		return fmt.Errorf("insert outbox: %w", err)
+// notify sends a notification on channel; PostgreSQL delivers it when the
+// transaction commits (at once, outside a transaction).
+func notify(ctx context.Context, db dbtx, channel, payload string) error {
+	if _, err := db.Exec(ctx, `SELECT pg_notify($1, $2)`, channel, payload); err != nil {
+		return fmt.Errorf("notify %s: %w", channel, err)
 	}
 	return nil
-}
-
-// notifyOutbox wakes the relays. PostgreSQL delivers it at commit and folds
-// identical notifications of one transaction into one. The same round trip
-// returns the transaction's id, for xactStatus should the COMMIT go
-// unanswered.
-func notifyOutbox(ctx context.Context, db dbtx) (xid string, err error) {
-	if err := db.QueryRow(ctx, `SELECT pg_current_xact_id()::text FROM pg_notify($1, '')`, outboxChannel).Scan(&xid); err != nil {
-		return "", fmt.Errorf("notify outbox: %w", err)
-	}
-	return xid, nil
 }
 
 // xactStatus asks the server what became of a transaction: "committed",
@@ -561,6 +548,11 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 		pcfg.ConnConfig.ConnectTimeout = 3 * time.Second
 	}
 	pcfg.ConnConfig.OnPgError = closeReadOnly
+	if _, ok := pcfg.ConnConfig.RuntimeParams["timezone"]; !ok {
+		// Times the server formats, such as the pay-order event's
+		// created_at (queueInsertOrders), are in UTC like the API's.
+		pcfg.ConnConfig.RuntimeParams["timezone"] = "UTC"
+	}
 	if !strings.Contains(cfg.DatabaseURL, "pool_max_conns") {
 		// pgxpool's default is max(4, CPUs): too few for the order
 		// writers, the relay, the consumer and reads at once.
