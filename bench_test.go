@@ -28,6 +28,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -327,6 +328,34 @@ func seedOutbox(b *testing.B, dbURL, topic string) {
 	}
 }
 
+// waitForOffsets returns when topic's end offsets add up to n, asking every
+// 5ms on one client: a drain of 20,000 events takes under half a second.
+func waitForOffsets(b *testing.B, br *broker, topic string, n int64, timeout time.Duration) time.Time {
+	b.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(br.addrs...))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer cl.Close()
+	adm := kadm.NewClient(cl)
+	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		ends, err := adm.ListEndOffsets(context.Background(), topic)
+		if err == nil {
+			err = ends.Error()
+		}
+		if err != nil {
+			b.Fatalf("end offsets of %s: %v", topic, err)
+		}
+		var sum int64
+		ends.Each(func(o kadm.ListedOffset) { sum += o.Offset })
+		if sum >= n {
+			return time.Now()
+		}
+	}
+	b.Fatalf("timed out after %s waiting for %d records on %s", timeout, n, topic)
+	return time.Time{}
+}
+
 // BenchmarkBacklogDrain: 1,000, 20,000 or 200,000 unpublished outbox rows (as
 // after a broker outage) appear at once; events per second until all are on
 // pay-order. How the drain rate changes with the backlog is the curve.
@@ -337,10 +366,12 @@ func BenchmarkBacklogDrain(b *testing.B) {
 				br := newBroker(b, true)
 				_, dbURL := benchService(b, br, nil)
 				seedOrders(b, dbURL, n)
-				start := time.Now()
 				seedOutbox(b, dbURL, br.topic(topicPayOrder))
-				waitFor(b, 300*time.Second, "backlog on pay-order", func() bool { return endOffsets(b, br, br.topic(topicPayOrder)) >= int64(n) })
-				b.ReportMetric(float64(n)/time.Since(start).Seconds(), "events/s")
+				// From the backlog's commit: inserting 200,000 rows
+				// takes seconds, and is not the relay's work.
+				start := time.Now()
+				end := waitForOffsets(b, br, br.topic(topicPayOrder), int64(n), 300*time.Second)
+				b.ReportMetric(float64(n)/end.Sub(start).Seconds(), "events/s")
 			}
 		})
 	}

@@ -56,6 +56,7 @@ type config struct {
 	StartupTimeout    time.Duration
 	ShutdownTimeout   time.Duration
 	RelayBatchSize    int
+	RelayWorkers      int
 	RelayPollInterval time.Duration
 	ProduceTimeout    time.Duration
 	OutboxRetention   time.Duration
@@ -114,6 +115,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		StartupTimeout:    dur("STARTUP_TIMEOUT", 30*time.Second),
 		ShutdownTimeout:   dur("SHUTDOWN_TIMEOUT", 10*time.Second),
 		RelayBatchSize:    num("RELAY_BATCH_SIZE", 500, 1, 10000),
+		RelayWorkers:      num("RELAY_WORKERS", 2, 1, 16),
 		RelayPollInterval: dur("RELAY_POLL_INTERVAL", time.Second),
 		ProduceTimeout:    dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
 		OutboxRetention:   dur("OUTBOX_RETENTION", 24*time.Hour),
@@ -242,7 +244,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	wg.Go(func() { orders.run(workCtx, cfg.CreateWriters) })
 	wake, _ := notes.subscribe(outboxChannel, "")
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
-		pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout,
+		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout,
 		retention: cfg.OutboxRetention, purgeInterval: cfg.PurgeInterval}
 	wg.Go(func() { r.run(workCtx, abortCtx) })
 	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m}

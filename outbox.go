@@ -9,8 +9,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kerr"
@@ -23,13 +25,14 @@ type relay struct {
 	log   *slog.Logger
 
 	batchSize      int
+	workers        int           // publishBatch loops side by side in a backlog
 	pollInterval   time.Duration // fallback when a NOTIFY is lost
 	produceTimeout time.Duration // bounds how long a batch holds its row locks
 	retention      time.Duration // published rows older than this are purged
 	purgeInterval  time.Duration
 	metrics        *metrics
 
-	wake <-chan struct{} // a NOTIFY from createOrders, or the listener reconnected
+	wake <-chan struct{} // new outbox rows announced, or the listener reconnected
 }
 
 const (
@@ -37,17 +40,23 @@ const (
 	maxBackoff     = 5 * time.Second
 )
 
-// run publishes until ctx is cancelled, then returns after the batch in
-// flight has been published and marked, or rolled back when abort ends first
-// (shutdown's budget is spent): its rows stay in the outbox for the next run.
+// run publishes until ctx is cancelled, then returns after the batches in
+// flight have been published and marked, or rolled back when abort ends
+// first (shutdown's budget is spent): their rows stay in the outbox for the
+// next run.
+//
+// One worker waits for new rows and backs off when publishing fails. It
+// calls the others in only for a backlog, when it took a full batch: then
+// they claim batches side by side, each skipping the rows the others'
+// locks hold, one producing while another is in the database.
 func (r *relay) run(ctx, abort context.Context) {
-	purgeDone := make(chan struct{})
-	go func() {
-		defer close(purgeDone)
-		r.purgeLoop(ctx)
-	}()
-	defer func() { <-purgeDone }()
-
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Go(func() { r.purgeLoop(ctx) })
+	help := make(chan struct{}, 1)
+	for range r.workers - 1 {
+		wg.Go(func() { r.assist(ctx, abort, help) })
+	}
 	var failures int
 	for ctx.Err() == nil {
 		n, err := r.publishBatch(abort)
@@ -63,6 +72,7 @@ func (r *relay) run(ctx, abort context.Context) {
 		}
 		failures = 0
 		if n == r.batchSize {
+			askHelp(help)
 			continue // a full batch: more are likely waiting
 		}
 		select {
@@ -70,6 +80,39 @@ func (r *relay) run(ctx, abort context.Context) {
 		case <-r.wake:
 		case <-time.After(jitter(r.pollInterval)):
 		}
+	}
+}
+
+// assist is one of the other workers: asked for help, it publishes batches
+// while they come full, then waits to be asked again. It never retries: a
+// failure is the first worker's to back off from, and new rows its to see.
+func (r *relay) assist(ctx, abort context.Context, help chan struct{}) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-help:
+		}
+		for ctx.Err() == nil {
+			n, err := r.publishBatch(abort)
+			if err != nil {
+				r.log.WarnContext(ctx, "relay: publish failed, leaving the rest to the first worker", "err", err)
+				r.metrics.publishErrors.Add(1)
+				break
+			}
+			if n < r.batchSize {
+				break
+			}
+			askHelp(help)
+		}
+	}
+}
+
+// askHelp wakes an idle worker, if one is waiting to be asked.
+func askHelp(help chan struct{}) {
+	select {
+	case help <- struct{}{}:
+	default:
 	}
 }
 
@@ -104,15 +147,18 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.produceTimeout+10*time.Second)
 	defer cancel()
 
-	tx, err := r.db.Begin(ctx)
-	if err != nil {
-		return 0, fmt.Errorf("begin: %w", err)
-	}
+	b := &pgx.Batch{} // BEGIN and the claim in one round trip
+	b.BeginTx(pgx.TxOptions{})
+	claim := queueClaimOutbox(b, r.batchSize)
+	br := r.db.SendBatch(ctx, b)
+	tx := br.Tx()
 	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
-
-	claimed, err := claimOutbox(ctx, tx, r.batchSize)
-	if err != nil || len(claimed) == 0 {
-		return 0, err
+	if err := br.Close(); err != nil {
+		return 0, fmt.Errorf("claim: %w", err)
+	}
+	claimed := *claim
+	if len(claimed) == 0 {
+		return 0, nil
 	}
 
 	recs := make([]*kgo.Record, len(claimed))

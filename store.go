@@ -336,23 +336,39 @@ type outboxRow struct {
 	CreatedAt   time.Time  `db:"created_at"`
 }
 
-// claimOutbox locks up to limit unpublished rows. SKIP LOCKED lets several
-// relays share the table: each takes rows no other transaction holds, and a
-// crashed relay's locks vanish with its connection, so no row stays stuck.
-func claimOutbox(ctx context.Context, tx pgx.Tx, limit int) ([]outboxRow, error) {
-	rows, _ := tx.Query(ctx, `
+// queueClaimOutbox queues the statement that locks up to limit unpublished
+// rows, in id order; once the batch is read, *claimed holds them. SKIP LOCKED
+// lets several relays (and a relay's workers) share the table: each takes
+// rows no other transaction holds, and a crashed relay's locks vanish with
+// its connection, so no row stays stuck.
+//
+// The claim must walk the partial index of unpublished rows in id order and
+// stop after limit rows, however many wait. Where the planner believes the
+// backlog small (a table never analyzed, or analyzed before an outage), it
+// prefers to read every unpublished row and sort them: 65 ms for a claim of
+// 500 over a 200,000-row backlog, at every claim of the drain, against
+// 0.6 ms. No ordered plan but the index scan needs no sort, so the claim's
+// transaction plans it with sorting switched off (enable_sort makes a sort
+// the last resort, not impossible); the SET LOCAL ends with the transaction.
+func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
+	claimed = new([]outboxRow)
+	b.Queue(`SET LOCAL enable_sort = off`)
+	b.Queue(`
 		SELECT ctid, topic, key, event_id, payload, traceparent, tracestate, created_at
 		FROM outbox
 		WHERE published_at IS NULL
 		ORDER BY id
 		LIMIT $1
 		FOR UPDATE SKIP LOCKED`,
-		limit)
-	claimed, err := pgx.CollectRows(rows, pgx.RowToStructByName[outboxRow])
-	if err != nil {
-		return nil, fmt.Errorf("claim outbox: %w", err)
-	}
-	return claimed, nil
+		limit,
+	).Query(func(rows pgx.Rows) error {
+		var err error
+		if *claimed, err = pgx.CollectRows(rows, pgx.RowToStructByName[outboxRow]); err != nil {
+			return fmt.Errorf("claim outbox: %w", err)
+		}
+		return nil
+	})
+	return claimed
 }
 
 // markPublished stamps the claimed rows with the time the broker
