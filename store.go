@@ -347,12 +347,14 @@ type outboxRow struct {
 // backlog small (a table never analyzed, or analyzed before an outage), it
 // prefers to read every unpublished row and sort them: 65 ms for a claim of
 // 500 over a 200,000-row backlog, at every claim of the drain, against
-// 0.6 ms. No ordered plan but the index scan needs no sort, so the claim's
-// transaction plans it with sorting switched off (enable_sort makes a sort
-// the last resort, not impossible); the SET LOCAL ends with the transaction.
+// 0.6 ms. No ordered plan but the index scan needs no sort, so the relay's
+// transaction plans with sorting switched off. It also switches off
+// sequential scans, for markPublished. Both are settings of the planner's
+// costs, not prohibitions (an impossible plan is still found), and both end
+// with the transaction.
 func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 	claimed = new([]outboxRow)
-	b.Queue(`SET LOCAL enable_sort = off`)
+	b.Queue(`SELECT set_config('enable_sort', 'off', true), set_config('enable_seqscan', 'off', true)`)
 	b.Queue(`
 		SELECT ctid, topic, key, event_id, payload, traceparent, tracestate, created_at
 		FROM outbox
@@ -377,12 +379,14 @@ func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 //
 // It finds them by ctid, their place in the table, which the claim's row
 // locks keep fixed: only an UPDATE or DELETE moves a row, and no other
-// transaction can run one on a locked row. A TID scan needs neither an index
-// nor statistics. "id = ANY($1)" did: prepared while the table was nearly
-// empty (as after a deployment), its cached generic plan was a sequential
-// scan, kept as the table grew until an autovacuum ANALYZE replaced it;
-// scanning every row per batch cost a quarter of the database's CPU in the
-// create benchmark.
+// transaction can run one on a locked row. A TID scan reads just those rows,
+// with no index. Its only rival is a sequential scan, which the planner
+// prefers for a table it believes a few pages long (never analyzed, as after
+// a deployment): that plan, cached while the table was nearly empty, stayed
+// as it grew, until an autovacuum ANALYZE replaced it, and scanned every row
+// at every batch (8.7 ms for 43 rows under the create benchmark, the
+// largest cost in the database). The relay's transaction therefore plans
+// with sequential scans switched off (see queueClaimOutbox).
 func markPublished(ctx context.Context, tx pgx.Tx, rows []pgtype.TID) error {
 	_, err := tx.Exec(ctx, `
 		UPDATE outbox SET published_at = clock_timestamp()
