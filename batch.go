@@ -94,7 +94,7 @@ func (w *orderWriter) write(batch []*createRequest) {
 	if len(live) == 0 {
 		return
 	}
-	// Lock idempotency keys in one global order: see insertOrders.
+	// Lock idempotency keys in one global order: see queueInsertOrders.
 	slices.SortFunc(live, func(a, b *createRequest) int {
 		return cmp.Or(cmp.Compare(a.in.UserID, b.in.UserID), cmp.Compare(deref(a.in.IdempotencyKey), deref(b.in.IdempotencyKey)))
 	})

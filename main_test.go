@@ -1064,9 +1064,10 @@ func childMain() { main() }
 
 // --- the relay ---
 
-// With the fallback poll an hour away, only the NOTIFY sent by the order's
-// transaction can get its event out within the deadline.
-func TestRelayWakesOnNotifyAndPurgesPublishedRows(t *testing.T) {
+// With the fallback poll an hour away, only the wake-up that follows the
+// order's commit (notifier.announce) can get its event out within the
+// deadline.
+func TestRelayWakesOnCommitAndPurgesPublishedRows(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
 	env := serviceEnv(dbURL, b)
