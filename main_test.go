@@ -927,7 +927,13 @@ func endOffsets(t testing.TB, b *broker, topic string) int64 {
 		t.Fatal(err)
 	}
 	defer cl.Close()
-	ends, err := kadm.NewClient(cl).ListEndOffsets(context.Background(), topic)
+	return countRecords(t, kadm.NewClient(cl), topic)
+}
+
+// countRecords is endOffsets on a client of the caller's.
+func countRecords(t testing.TB, adm *kadm.Client, topic string) int64 {
+	t.Helper()
+	ends, err := adm.ListEndOffsets(context.Background(), topic)
 	if err == nil {
 		err = ends.Error()
 	}
