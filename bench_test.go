@@ -28,7 +28,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/twmb/franz-go/pkg/kadm"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -332,12 +331,8 @@ func seedOutbox(b *testing.B, dbURL, topic string) {
 // 5ms on one client: a drain of 20,000 events takes under half a second.
 func waitForOffsets(b *testing.B, br *broker, topic string, n int64, timeout time.Duration) time.Time {
 	b.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(br.addrs...))
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer cl.Close()
-	adm := kadm.NewClient(cl)
+	adm, closeAdm := adminClient(b, br)
+	defer closeAdm()
 	for deadline := time.Now().Add(timeout); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
 		if countRecords(b, adm, topic) >= n {
 			return time.Now()

@@ -313,12 +313,9 @@ func TestCrashBetweenApplyAndOffsetCommitChangesNothing(t *testing.T) {
 // committedAt sums the group's committed offsets on payment-results.
 func committedAt(t testing.TB, b *broker) int64 {
 	t.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	offs, err := kadm.NewClient(cl).FetchOffsets(context.Background(), b.topic(consumerGroup))
+	adm, closeAdm := adminClient(t, b)
+	defer closeAdm()
+	offs, err := adm.FetchOffsets(context.Background(), b.topic(consumerGroup))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -873,12 +873,8 @@ func TestPaymentResultsApplyOnceAndCommitOffsets(t *testing.T) {
 // payment-results: each one was applied (or dead-lettered) and acknowledged.
 func waitCommitted(t testing.TB, b *broker) {
 	t.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	adm := kadm.NewClient(cl)
+	adm, closeAdm := adminClient(t, b)
+	defer closeAdm()
 	topic := b.topic(topicPaymentResults)
 	waitFor(t, 15*time.Second, "consumer offsets committed to the end of "+topic, func() bool {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
@@ -922,12 +918,19 @@ func readTopicNow(t testing.TB, b *broker, topic string) []*kgo.Record {
 // it holds.
 func endOffsets(t testing.TB, b *broker, topic string) int64 {
 	t.Helper()
+	adm, closeAdm := adminClient(t, b)
+	defer closeAdm()
+	return countRecords(t, adm, topic)
+}
+
+// adminClient is a Kafka admin client on b, closed by the returned func.
+func adminClient(t testing.TB, b *broker) (*kadm.Client, func()) {
+	t.Helper()
 	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cl.Close()
-	return countRecords(t, kadm.NewClient(cl), topic)
+	return kadm.NewClient(cl), cl.Close
 }
 
 // countRecords is endOffsets on a client of the caller's.

@@ -336,25 +336,30 @@ type outboxRow struct {
 	CreatedAt   time.Time  `db:"created_at"`
 }
 
+// queueRelayPlanning queues the statement that sets how the rest of the
+// relay's transaction is planned: with sorts and sequential scans switched
+// off. Both are settings of the planner's costs, not prohibitions (a plan
+// that needs one is still found), and both end with the transaction.
+//
+// The planner's own choice depends on statistics that a new or just-flooded
+// outbox does not have. The claim must walk the partial index of unpublished
+// rows in id order and stop after limit rows, however many wait; where the
+// planner believes the backlog small (a table never analyzed, or analyzed
+// before an outage), it prefers to read every unpublished row and sort them:
+// 65 ms for a claim of 500 over a 200,000-row backlog, at every claim of the
+// drain, against 0.6 ms. No ordered plan but the index scan needs no sort.
+// For markPublished, see there.
+func queueRelayPlanning(b *pgx.Batch) {
+	b.Queue(`SELECT set_config('enable_sort', 'off', true), set_config('enable_seqscan', 'off', true)`)
+}
+
 // queueClaimOutbox queues the statement that locks up to limit unpublished
 // rows, in id order; once the batch is read, *claimed holds them. SKIP LOCKED
 // lets several relays (and a relay's workers) share the table: each takes
 // rows no other transaction holds, and a crashed relay's locks vanish with
-// its connection, so no row stays stuck.
-//
-// The claim must walk the partial index of unpublished rows in id order and
-// stop after limit rows, however many wait. Where the planner believes the
-// backlog small (a table never analyzed, or analyzed before an outage), it
-// prefers to read every unpublished row and sort them: 65 ms for a claim of
-// 500 over a 200,000-row backlog, at every claim of the drain, against
-// 0.6 ms. No ordered plan but the index scan needs no sort, so the relay's
-// transaction plans with sorting switched off. It also switches off
-// sequential scans, for markPublished. Both are settings of the planner's
-// costs, not prohibitions (an impossible plan is still found), and both end
-// with the transaction.
+// its connection, so no row stays stuck. Plan it after queueRelayPlanning.
 func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 	claimed = new([]outboxRow)
-	b.Queue(`SELECT set_config('enable_sort', 'off', true), set_config('enable_seqscan', 'off', true)`)
 	b.Queue(`
 		SELECT ctid, topic, key, event_id, payload, traceparent, tracestate, created_at
 		FROM outbox
@@ -386,7 +391,7 @@ func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 // as it grew, until an autovacuum ANALYZE replaced it, and scanned every row
 // at every batch (8.7 ms for 43 rows under the create benchmark, the
 // largest cost in the database). The relay's transaction therefore plans
-// with sequential scans switched off (see queueClaimOutbox).
+// with sequential scans switched off (queueRelayPlanning).
 func markPublished(ctx context.Context, tx pgx.Tx, rows []pgtype.TID) error {
 	_, err := tx.Exec(ctx, `
 		UPDATE outbox SET published_at = clock_timestamp()
