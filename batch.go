@@ -117,10 +117,7 @@ func (w *orderWriter) write(batch []*createRequest) {
 	var unknown *commitUnknownError
 	if errors.As(err, &unknown) {
 		w.metrics.commitsUnanswered.Add(1)
-		err = w.settle(unknown)
-		if err == nil {
-			results, err = unknown.results, nil
-		}
+		results, err = w.settle(unknown, in)
 	}
 	var pgErr *pgconn.PgError
 	if err != nil && len(live) > 1 && errors.As(err, &pgErr) && !dbTransient(err) {
@@ -159,26 +156,40 @@ var errCommitOutcomeUnknown = errors.New("the outcome of the commit is unknown")
 // learn what became of a COMMIT whose answer was lost.
 const settleTimeout = 3 * time.Second
 
-// settle asks the database, on another connection, what became of the
-// transaction: nil if it committed, a transient error if it did not (nothing
-// was written: a retry is safe), errCommitOutcomeUnknown if no answer came.
-func (w *orderWriter) settle(u *commitUnknownError) error {
+// settle learns, on another connection, what became of a transaction whose
+// answer was lost. First the server process that holds it must be gone:
+// while it lives, a COMMIT already in its input may still run, after a lock
+// wait for instance, and an order answered 503 would appear later. Once it is
+// gone the transaction is over for good, and each request's order either
+// exists, with the id it was given here, or does not (orderAnswers). Unlike
+// asking about a transaction id, this needs nothing from the lost answer.
+// The error is errCommitOutcomeUnknown if the database could not be asked.
+func (w *orderWriter) settle(u *commitUnknownError, in []newOrder) ([]createResult, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 	defer cancel()
+	unknown := func(err error) error {
+		return fmt.Errorf("%w (server process %d: %w): %w", errCommitOutcomeUnknown, u.pid, err, u.err)
+	}
 	for failures := 1; ; failures++ {
-		status, err := xactStatus(ctx, w.db, u.xid)
-		switch {
-		case status == "committed":
-			return nil
-		case status == "aborted":
-			return fmt.Errorf("transaction %s rolled back: %w", u.xid, u.err)
-		case err == nil: // in progress: the server is still committing
-			sleep(ctx, 20*time.Millisecond)
-		default:
-			sleep(ctx, backoff(failures))
+		gone, err := endBackend(ctx, w.db, u.pid, time.Second)
+		if gone {
+			break
 		}
+		if err == nil { // still exiting
+			err = errors.New("still running")
+		}
+		sleep(ctx, backoff(failures))
 		if ctx.Err() != nil {
-			return fmt.Errorf("%w (transaction %s): %w", errCommitOutcomeUnknown, u.xid, u.err)
+			return nil, unknown(err)
 		}
 	}
+	ids := make([]string, len(in))
+	for i, r := range in {
+		ids[i] = r.ID
+	}
+	found, err := getOrdersByID(ctx, w.db, ids)
+	if err != nil {
+		return nil, unknown(err)
+	}
+	return orderAnswers(ctx, w.db, in, found, false), nil
 }

@@ -337,16 +337,22 @@ func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
 	waitFor(t, 10*time.Second, "/readyz 200 again", func() bool { return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK })
 }
 
-// commitDelayProxy forwards to PostgreSQL; armed, it holds back the server's
-// answer to the next COMMIT for a while, as a network that loses it would.
-type commitDelayProxy struct {
+// commitProxy forwards to PostgreSQL and acts on the next order commit: the
+// COMMIT the service sends in an extended-protocol pipeline (createOrders).
+// The relay's simple-protocol commits pass untouched. Armed with delay, it
+// holds back the server's answer for that long, as a slow network would; armed
+// with cut, it forwards the whole pipeline and then drops the connection, and
+// every cancel request after, as a network that fails just then would.
+type commitProxy struct {
 	*tcpProxy
-	delay atomic.Int64 // nanoseconds; 0: disarmed
+	delay       atomic.Int64 // nanoseconds; 0: disarmed
+	cut         atomic.Bool
+	cancelsLost atomic.Bool // since the cut
 }
 
-func newCommitDelayProxy(t testing.TB, schema string) (*commitDelayProxy, string) {
+func newCommitProxy(t testing.TB, schema string) (*commitProxy, string) {
 	p, url := newDBProxy(t, schema)
-	cp := &commitDelayProxy{tcpProxy: p}
+	cp := &commitProxy{tcpProxy: p}
 	p.mu.Lock()
 	p.pipeFn = cp.pipe
 	p.mu.Unlock()
@@ -354,9 +360,9 @@ func newCommitDelayProxy(t testing.TB, schema string) (*commitDelayProxy, string
 }
 
 // pipe reads the client's messages (after the untyped startup message, each
-// is a type byte and a length) and, on a simple-protocol COMMIT, delays what
-// the server sends back on that connection.
-func (p *commitDelayProxy) pipe(c net.Conn) {
+// is a type byte and a length), remembers which prepared statement is COMMIT
+// from its Parse, and knows the commit by its Bind.
+func (p *commitProxy) pipe(c net.Conn) {
 	up, ok := p.connect(c)
 	if !ok {
 		return
@@ -372,7 +378,16 @@ func (p *commitDelayProxy) pipe(c net.Conn) {
 		if _, err := io.ReadFull(c, startup); err != nil {
 			return
 		}
+		// A CancelRequest (code 80877102) comes on a connection of its own,
+		// as pgx sends one when it drops a connection; after a cut, the
+		// network that lost the pipeline's answer loses these too.
+		if len(startup) == 12 && binary.BigEndian.Uint32(startup) == 80877102 && p.cancelsLost.Load() {
+			c.Close()
+			return
+		}
 		up.Write(append(n[:], startup...))
+		commits := map[string]bool{} // prepared statement names whose SQL is COMMIT
+		cutAtSync := false
 		for {
 			var hdr [5]byte
 			if _, err := io.ReadFull(c, hdr[:]); err != nil {
@@ -382,12 +397,25 @@ func (p *commitDelayProxy) pipe(c net.Conn) {
 			if _, err := io.ReadFull(c, body); err != nil {
 				return
 			}
-			if hdr[0] == 'Q' && strings.EqualFold(strings.TrimRight(string(body), "\x00; "), "commit") {
-				if d := p.delay.Swap(0); d > 0 {
-					holdUntil.Store(time.Now().Add(time.Duration(d)).UnixNano())
+			switch hdr[0] {
+			case 'P': // Parse: statement name, query
+				if f := bytes.SplitN(body, []byte{0}, 3); len(f) == 3 && strings.EqualFold(string(f[1]), "commit") {
+					commits[string(f[0])] = true
+				}
+			case 'B': // Bind: portal name, statement name
+				if f := bytes.SplitN(body, []byte{0}, 3); len(f) == 3 && commits[string(f[1])] {
+					if d := p.delay.Swap(0); d > 0 {
+						holdUntil.Store(time.Now().Add(time.Duration(d)).UnixNano())
+					}
+					cutAtSync = cutAtSync || p.cut.Swap(false)
 				}
 			}
 			if _, err := up.Write(append(hdr[:], body...)); err != nil {
+				return
+			}
+			if hdr[0] == 'S' && cutAtSync {
+				p.cancelsLost.Store(true)
+				c.Close()
 				return
 			}
 		}
@@ -409,12 +437,12 @@ func (p *commitDelayProxy) pipe(c net.Conn) {
 }
 
 // The server commits, but its answer arrives after the request's deadline.
-// The service asks the server what became of the transaction (pg_xact_status)
-// and answers 201, rather than 503 for an order that exists.
+// The service ends the server process that held the transaction, finds the
+// order, and answers 201, rather than 503 for an order that exists.
 func TestCommitWhoseAnswerIsLateIsSettled(t *testing.T) {
 	b := newBroker(t, false)
 	schema := createSchema(t)
-	proxy, dbURL := newCommitDelayProxy(t, schema)
+	proxy, dbURL := newCommitProxy(t, schema)
 	s := startService(t, serviceEnv(dbURL, b))
 	user := newUser()
 	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 10*time.Second)
@@ -438,6 +466,62 @@ func TestCommitWhoseAnswerIsLateIsSettled(t *testing.T) {
 	}
 	readPayOrders(t, b, []string{o.ID}, 10*time.Second)
 	t.Logf("COMMIT answer held back %s: answered 201 after %s", requestDBTimeout+2*time.Second, took.Round(time.Millisecond))
+}
+
+// The connection drops just after the service sent BEGIN, the insert and
+// COMMIT in one pipeline, while the server's insert waits on a lock (the
+// test holds the same Idempotency-Key uncommitted). The server process would
+// run that COMMIT once the lock is free, after the request had been answered.
+// So the service ends that process before it answers, and answers 503 (not
+// stored, retry): once the lock is free, nothing of the request commits.
+func TestCommitCutWhileItsTransactionWaitsIsNeverStored(t *testing.T) {
+	b := newBroker(t, false)
+	schema := createSchema(t)
+	proxy, dbURL := newCommitProxy(t, schema)
+	s := startService(t, serviceEnv(dbURL, b))
+	direct := schemaPool(t, newSchemaURL(schema))
+	ctx := context.Background()
+	user, key := newUser(), "held-"+randomHex(4)
+
+	holder, err := direct.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Rollback(ctx)
+	var holderPID int32
+	if err := holder.QueryRow(ctx, `INSERT INTO orders (id, user_id, amount, idempotency_key, request_hash)
+		VALUES ($1, $2, 1, $3, '\x00') RETURNING pg_backend_pid()`, newUUID(), user, key).Scan(&holderPID); err != nil {
+		t.Fatal(err)
+	}
+
+	proxy.cut.Store(true)
+	r := do(t, "POST", s.url+"/orders", `{"amount": 7}`, "X-User-Id", user, "Idempotency-Key", key)
+	if got := metric(t, s.url, "order_commits_unanswered_total"); got != 1 {
+		t.Fatalf("order_commits_unanswered_total %v: the connection was not cut after the COMMIT (answer %d %s)", got, r.status, r.body)
+	}
+	if r.status != http.StatusServiceUnavailable || r.header.Get("Retry-After") == "" || r.header.Get("Content-Type") != "application/problem+json" {
+		t.Errorf("cut commit, not stored: %d %v %s, want 503 problem+json with Retry-After", r.status, r.header, r.body)
+	}
+	// Answered, so the server process that held the request's COMMIT must
+	// be gone: none may still wait on the test's lock.
+	if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM pg_stat_activity WHERE $1::int = ANY(pg_blocking_pids(pid))`, holderPID); n != 0 {
+		t.Fatalf("%d server processes still wait on the held key after the 503: the request's COMMIT may yet run", n)
+	}
+	if err := holder.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM orders WHERE user_id = $1`, user); n != 0 {
+		t.Errorf("%d orders stored for a request answered 503", n)
+	}
+	// The retry the 503 asks for stores the order, once.
+	again := do(t, "POST", s.url+"/orders", `{"amount": 7}`, "X-User-Id", user, "Idempotency-Key", key)
+	if again.status != http.StatusCreated {
+		t.Fatalf("retry: %d %s", again.status, again.body)
+	}
+	readPayOrders(t, b, []string{again.order(t).ID}, 10*time.Second)
+	if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM orders WHERE user_id = $1`, user); n != 1 {
+		t.Errorf("%d orders after the retry, want 1", n)
+	}
 }
 
 // An order whose COMMIT fails leaves no event, and no event exists without

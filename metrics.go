@@ -188,7 +188,7 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 	}
 	counter("orders_created_total", "Orders created (idempotent replays excluded).", m.ordersCreated.Load())
 	counter("order_write_batches_total", "Transactions that wrote orders; orders_created_total / this = orders per commit.", m.orderBatches.Load())
-	counter("order_commits_unanswered_total", "Order commits whose answer was lost, settled by asking the database (pg_xact_status).", m.commitsUnanswered.Load())
+	counter("order_commits_unanswered_total", "Order commits whose answer was lost, settled by ending their server process and looking for the orders.", m.commitsUnanswered.Load())
 	counter("outbox_events_published_total", "Outbox events published to Kafka.", m.eventsPublished.Load())
 	counter("outbox_publish_errors_total", "Relay batches that failed and were retried.", m.publishErrors.Load())
 	fmt.Fprintf(w, "# HELP payment_results_applied_total Payment results that changed an order's status.\n"+

@@ -91,65 +91,95 @@ type createResult struct {
 // requests in one transaction (see orderWriter), so concurrent requests share
 // one commit, one WAL flush; results[i] answers in[i].
 //
-// It costs two round trips: BEGIN and the one statement that writes orders
-// and events go together in a pipeline, and COMMIT follows once the server
-// has answered with the transaction's id. The commit sends no NOTIFY: that
-// takes a cluster-wide lock held through the WAL flush, and would make every
-// order commit wait for the one before it. The caller wakes the relays once
-// the commit is done (see notifier.announce).
+// It costs one round trip: BEGIN, the one statement that writes orders and
+// events, and COMMIT go together in a pipeline. Should the statement fail, the
+// server skips the rest up to the pipeline's end, COMMIT included, and the
+// deferred Rollback ends the failed transaction. The commit sends no NOTIFY:
+// that takes a cluster-wide lock held through the WAL flush, and would make
+// every order commit wait for the one before it. The caller wakes the relays
+// once the commit is done (see notifier.announce).
 //
-// When COMMIT was sent but no answer came back (the connection broke, or ctx
-// ended while the server was committing), the outcome is unknown to us and
-// the error is a *commitUnknownError carrying the transaction id, so that
-// the caller can ask the server what became of it (xactStatus).
+// When the pipeline was sent but its answer did not come back (the
+// connection broke, or ctx ended while the server was still at work), the
+// outcome is unknown to us: the error is a *commitUnknownError naming the
+// server process that holds the transaction, so that the caller can end that
+// process and then look for the orders (orderWriter.settle).
 func createOrders(ctx context.Context, db *pgxpool.Pool, topic string, in []newOrder) ([]createResult, error) {
-	b := &pgx.Batch{}
-	b.BeginTx(pgx.TxOptions{})
-	inserted, xid := queueInsertOrders(b, topic, in)
-	br := db.SendBatch(ctx, b)
-	tx := br.Tx()
-	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
-	if err := br.Close(); err != nil {
+	conn, err := db.Acquire(ctx)
+	if err != nil {
 		return nil, fmt.Errorf("write orders: %w", err)
 	}
+	defer conn.Release()
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	inserted := queueInsertOrders(b, topic, in)
+	b.Queue(`COMMIT`)
+	br := conn.SendBatch(ctx, b)
+	tx := br.Tx()
+	defer tx.Rollback(ctx) //nolint:errcheck // a no-op once COMMIT ended the transaction
+	if err := br.Close(); err != nil {
+		var pgErr *pgconn.PgError
+		if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
+			return nil, &commitUnknownError{pid: conn.Conn().PgConn().PID(), err: err}
+		}
+		return nil, fmt.Errorf("write orders: %w", err)
+	}
+	return orderAnswers(ctx, conn, in, inserted, true), nil
+}
+
+// orderAnswers gives each request its answer once its transaction is over:
+// the order it inserted, else (ON CONFLICT skipped it: the key was used
+// before, by an earlier request or by one earlier in this batch) the order
+// stored under its Idempotency-Key, or 409 if that order came with another
+// body. Read after the commit, a stored order is committed: ON CONFLICT waited
+// for the transaction that inserted it. A lookup that fails fails its own
+// request only: the others' orders are committed and must be answered so.
+//
+// committed says the transaction committed and its rows are all in
+// inserted. Otherwise (a settled commit, see orderWriter.settle) a request
+// that finds no order was not written, and gets errNotWritten.
+func orderAnswers(ctx context.Context, db dbtx, in []newOrder, inserted map[string]Order, committed bool) []createResult {
 	results := make([]createResult, len(in))
 	for i, req := range in {
 		if o, ok := inserted[req.ID]; ok {
 			results[i] = createResult{Order: o, Created: true}
 			continue
 		}
-		// ON CONFLICT skipped it: the key was used before, by an
-		// earlier request (whose transaction ON CONFLICT waited for)
-		// or by one earlier in this batch.
-		o, hash, err := getOrderByIdempotencyKey(ctx, tx, req.UserID, *req.IdempotencyKey)
-		if err != nil {
-			return nil, err
+		if req.IdempotencyKey == nil {
+			results[i] = createResult{Err: errNotWritten}
+			if committed {
+				results[i].Err = fmt.Errorf("order %s committed but not returned", req.ID)
+			}
+			continue
 		}
-		results[i] = createResult{Order: o}
-		if string(hash) != string(req.RequestHash) {
+		o, hash, err := getOrderByIdempotencyKey(ctx, db, req.UserID, *req.IdempotencyKey)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows) && !committed:
+			results[i] = createResult{Err: errNotWritten}
+		case err != nil:
+			results[i] = createResult{Err: err}
+		case string(hash) != string(req.RequestHash):
 			results[i] = createResult{Err: errIdempotencyConflict}
+		default:
+			results[i] = createResult{Order: o}
 		}
 	}
-	if err := tx.Commit(ctx); err != nil {
-		var pgErr *pgconn.PgError
-		if *xid != "" && !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
-			return nil, &commitUnknownError{xid: *xid, err: err, results: results}
-		}
-		return nil, fmt.Errorf("commit orders: %w", err)
-	}
-	return results, nil
+	return results
 }
 
-// commitUnknownError is a COMMIT whose answer was lost: the server may have
-// committed the transaction xid, or not.
+// errNotWritten: the transaction of a commit whose answer was lost did not
+// store this order; a retry is safe.
+var errNotWritten = errors.New("the order was not stored: its transaction rolled back")
+
+// commitUnknownError is a pipeline whose answer was lost: the server process
+// pid may have committed its transaction, may yet, or may not.
 type commitUnknownError struct {
-	xid     string
-	err     error
-	results []createResult // the answers, should it have committed
+	pid uint32
+	err error
 }
 
 func (e *commitUnknownError) Error() string {
-	return fmt.Sprintf("commit of transaction %s unanswered: %v", e.xid, e.err)
+	return fmt.Sprintf("orders' commit unanswered by server process %d: %v", e.pid, e.err)
 }
 
 func (e *commitUnknownError) Unwrap() error { return e.err }
@@ -157,8 +187,7 @@ func (e *commitUnknownError) Unwrap() error { return e.err }
 // queueInsertOrders queues the statement that inserts the batch's orders in
 // their given order, each with its pay-order event in the outbox. Once the
 // batch is read, inserted holds the rows it inserted by id (a row whose
-// (user, Idempotency-Key) exists is skipped, and has no event), and xid the
-// transaction's id ("" if it inserted nothing). The caller sorts batches by
+// (user, Idempotency-Key) exists is skipped, and has no event). The caller sorts batches by
 // key, so two batches lock keys in the same order and cannot deadlock.
 //
 // The event is built here, from the inserted row, so that it needs no round
@@ -167,7 +196,7 @@ func (e *commitUnknownError) Unwrap() error { return e.err }
 // see connectDB); the relay sends it byte for byte. Its event_id is a version
 // 7 UUID made here, like the order's id, so that the unique index on it grows
 // at its right edge.
-func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[string]Order, xid *string) {
+func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[string]Order) {
 	ids, users, descs := make([]string, len(in)), make([]string, len(in)), make([]string, len(in))
 	amounts, keys, hashes := make([]int64, len(in)), make([]*string, len(in)), make([][]byte, len(in))
 	events, parents, states := make([]string, len(in)), make([]string, len(in)), make([]string, len(in))
@@ -175,7 +204,7 @@ func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[
 		ids[i], users[i], amounts[i], descs[i], keys[i], hashes[i] = o.ID, o.UserID, o.Amount, o.Description, o.IdempotencyKey, o.RequestHash
 		events[i], parents[i], states[i] = newUUID(), o.Traceparent, o.Tracestate
 	}
-	inserted, xid = make(map[string]Order, len(in)), new(string)
+	inserted = make(map[string]Order, len(in))
 	b.Queue(`
 		WITH r AS (
 		    SELECT * FROM unnest($2::uuid[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::uuid[], $9::text[], $10::text[])
@@ -192,14 +221,13 @@ func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[
 		         CROSS JOIN LATERAL (SELECT r.event_id, o.id AS order_id, o.user_id, o.amount, o.created_at) p
 		    ORDER BY r.n
 		)
-		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at, pg_current_xact_id()::text
-		FROM o`,
+		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at FROM o`,
 		topic, ids, users, amounts, descs, keys, hashes, events, parents, states,
 	).Query(func(rows pgx.Rows) error {
 		for rows.Next() {
 			var o Order
 			if err := rows.Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
-				&o.CreatedAt, &o.UpdatedAt, xid); err != nil {
+				&o.CreatedAt, &o.UpdatedAt); err != nil {
 				return fmt.Errorf("insert orders: %w", err)
 			}
 			inserted[o.ID] = o.utc()
@@ -209,7 +237,7 @@ func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[
 		}
 		return nil
 	})
-	return inserted, xid
+	return inserted
 }
 
 func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) (Order, []byte, error) {
@@ -236,18 +264,50 @@ func notify(ctx context.Context, db dbtx, channel, payload string) error {
 	return nil
 }
 
-// xactStatus asks the server what became of a transaction: "committed",
-// "aborted" or "in progress".
-func xactStatus(ctx context.Context, db dbtx, xid string) (string, error) {
-	var status *string
-	if err := db.QueryRow(ctx, `SELECT pg_xact_status($1::xid8)`, xid).Scan(&status); err != nil {
-		return "", fmt.Errorf("status of transaction %s: %w", xid, err)
+// endBackend ends the server process pid, if it is still there, and waits
+// for it to exit, for at most wait: then its transaction is over, committed or
+// rolled back, and will not change. It reports whether the process is gone.
+// Only a process of this service's own role is ended: should pid have been
+// reused since, the new process is one of ours, and what ending it costs is
+// one connection, never a wrong answer.
+func endBackend(ctx context.Context, db dbtx, pid uint32, wait time.Duration) (bool, error) {
+	var ended *bool
+	err := db.QueryRow(ctx, `
+		SELECT pg_terminate_backend(pid, $2)
+		FROM pg_stat_activity
+		WHERE pid = $1 AND usename = current_user AND pid <> pg_backend_pid()`,
+		int64(pid), wait.Milliseconds()).Scan(&ended)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return true, nil
+	case err != nil:
+		return false, fmt.Errorf("end server process %d: %w", pid, err)
 	}
-	if status == nil {
-		// Only a transaction older than the commit log kept: never ours.
-		return "", fmt.Errorf("status of transaction %s: no longer known", xid)
+	return ended != nil && *ended, nil
+}
+
+// getOrdersByID reads the orders of ids that exist.
+func getOrdersByID(ctx context.Context, db dbtx, ids []string) (map[string]Order, error) {
+	rows, err := db.Query(ctx, `
+		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at
+		FROM orders
+		WHERE id = ANY($1::uuid[])`, ids)
+	if err != nil {
+		return nil, fmt.Errorf("get orders by id: %w", err)
 	}
-	return *status, nil
+	found := make(map[string]Order, len(ids))
+	for rows.Next() {
+		var o Order
+		if err := rows.Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
+			&o.CreatedAt, &o.UpdatedAt); err != nil {
+			return nil, fmt.Errorf("get orders by id: %w", err)
+		}
+		found[o.ID] = o.utc()
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("get orders by id: %w", err)
+	}
+	return found, nil
 }
 
 // errReadOnly is a database that takes no writes: a standby, or a primary
@@ -542,7 +602,7 @@ func dbTransient(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
 		errors.As(err, &netErr) || errors.As(err, &connectErr) || errors.Is(err, io.EOF) ||
 		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, errReadOnly) ||
-		errors.Is(err, errCommitOutcomeUnknown) || strings.Contains(err.Error(), "conn closed")
+		errors.Is(err, errCommitOutcomeUnknown) || errors.Is(err, errNotWritten) || strings.Contains(err.Error(), "conn closed")
 }
 
 // dbPermanent is an error caused by the values written: class 22 (data
