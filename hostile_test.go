@@ -337,12 +337,18 @@ func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
 	waitFor(t, 10*time.Second, "/readyz 200 again", func() bool { return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK })
 }
 
-// commitProxy forwards to PostgreSQL and acts on the next order commit: the
-// COMMIT the service sends in an extended-protocol pipeline (createOrders).
-// The relay's simple-protocol commits pass untouched. Armed with delay, it
+// poolerPID is the process id commitProxy announces for every connection.
+const poolerPID = 2_000_000_000
+
+// commitProxy forwards to PostgreSQL as a pooler in session mode would, and
+// acts on the next order commit: the COMMIT the service sends in an
+// extended-protocol pipeline (createOrders); the relay's simple-protocol
+// commits pass untouched. Armed with delay, it
 // holds back the server's answer for that long, as a slow network would; armed
 // with cut, it forwards the whole pipeline and then drops the connection, and
-// every cancel request after, as a network that fails just then would.
+// every cancel request after, as a network that fails just then would. As
+// poolers do, it announces made-up process ids (poolerPID), so that the
+// service must learn the real one from the server.
 type commitProxy struct {
 	*tcpProxy
 	delay       atomic.Int64 // nanoseconds; 0: disarmed
@@ -420,6 +426,30 @@ func (p *commitProxy) pipe(c net.Conn) {
 			}
 		}
 	}()
+	// Like a pooler, the proxy tells the client a process id of its own
+	// (no PostgreSQL process has it): the server's BackendKeyData ('K')
+	// arrives before the first ReadyForQuery.
+	for {
+		var hdr [5]byte
+		if _, err := io.ReadFull(up, hdr[:]); err != nil {
+			c.Close()
+			return
+		}
+		body := make([]byte, binary.BigEndian.Uint32(hdr[1:])-4)
+		if _, err := io.ReadFull(up, body); err != nil {
+			c.Close()
+			return
+		}
+		if hdr[0] == 'K' && len(body) >= 4 {
+			binary.BigEndian.PutUint32(body, poolerPID)
+		}
+		if _, err := c.Write(append(hdr[:], body...)); err != nil {
+			return
+		}
+		if hdr[0] == 'Z' {
+			break
+		}
+	}
 	buf := make([]byte, 32<<10)
 	for {
 		n, err := up.Read(buf)

@@ -120,7 +120,7 @@ func createOrders(ctx context.Context, db *pgxpool.Pool, topic string, in []newO
 	if err := br.Close(); err != nil {
 		var pgErr *pgconn.PgError
 		if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
-			return nil, &commitUnknownError{pid: conn.Conn().PgConn().PID(), err: err}
+			return nil, &commitUnknownError{pid: serverPID(conn.Conn().PgConn()), err: err}
 		}
 		return nil, fmt.Errorf("write orders: %w", err)
 	}
@@ -262,6 +262,30 @@ func notify(ctx context.Context, db dbtx, channel, payload string) error {
 		return fmt.Errorf("notify %s: %w", channel, err)
 	}
 	return nil
+}
+
+// serverPIDKey keeps, in each pooled connection's CustomData, the id of the
+// server process behind it as the server itself reports it (connectDB). The
+// id the connection's handshake announced is not enough: a pooler in session
+// mode hands its clients made-up ids, and settling a lost commit must end the
+// real process (endBackend).
+const serverPIDKey = "order-service.server-pid"
+
+// backendPID asks the server which process serves this connection.
+func backendPID(ctx context.Context, db dbtx) (uint32, error) {
+	var pid int32
+	if err := db.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+		return 0, fmt.Errorf("server process id: %w", err)
+	}
+	return uint32(pid), nil
+}
+
+// serverPID is the server process behind c (see serverPIDKey).
+func serverPID(c *pgconn.PgConn) uint32 {
+	if pid, ok := c.CustomData()[serverPIDKey].(uint32); ok {
+		return pid
+	}
+	return c.PID()
 }
 
 // endBackend ends the server process pid, if it is still there, and waits
@@ -637,6 +661,14 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 		// Times the server formats, such as the pay-order event's
 		// created_at (queueInsertOrders), are in UTC like the API's.
 		pcfg.ConnConfig.RuntimeParams["timezone"] = "UTC"
+	}
+	pcfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+		pid, err := backendPID(ctx, c)
+		if err != nil {
+			return err
+		}
+		c.PgConn().CustomData()[serverPIDKey] = pid
+		return nil
 	}
 	if !strings.Contains(cfg.DatabaseURL, "pool_max_conns") {
 		// pgxpool's default is max(4, CPUs): too few for the order
