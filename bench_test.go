@@ -344,7 +344,7 @@ func BenchmarkPublishLatency(b *testing.B) {
 }
 
 // seedOrders inserts n PENDING orders in one statement.
-func seedOrders(b *testing.B, dbURL string, n int) {
+func seedOrders(b testing.TB, dbURL string, n int) {
 	b.Helper()
 	if _, err := schemaPool(b, dbURL).Exec(context.Background(), `
 		INSERT INTO orders (id, user_id, amount, description, request_hash)

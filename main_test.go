@@ -1500,3 +1500,56 @@ func TestSharedCommitKeepsPerRequestOutcomes(t *testing.T) {
 		t.Errorf("%d orders for u3, want 2", n)
 	}
 }
+
+// The consumer's UPDATE of orders by id keeps to the primary key however its
+// plan was cached. PostgreSQL caches a generic plan after a statement's
+// fifth run on a connection; made while orders is small, that plan is a
+// sequential scan, and it stays as the table grows until the next ANALYZE.
+// The test applies results while the table holds a few orders, adds 100 000
+// without ANALYZE, applies more, and reads how many rows sequential scans of
+// orders read: one such scan would read all of them. The counters reach
+// pg_stat_user_tables when the server processes flush them (within about 10
+// s of going idle); the orders the consumer updated are counted in the same
+// flush, so the test waits for those.
+func TestPaymentResultsKeepToTheIndexAsOrdersGrow(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	// One connection: every run of the statement is on it, and so is the
+	// plan it caches.
+	s := startService(t, serviceEnv(withParam(dbURL, "pool_max_conns", "1"), b))
+	user := newUser()
+	applied := 0
+	pay := func(id string) {
+		t.Helper()
+		produce(t, b, b.topic(topicPaymentResults), id, `{"order_id": "`+id+`", "status": "PAID"}`)
+		applied++
+		waitFor(t, 10*time.Second, "payment result applied", func() bool {
+			return metric(t, s.url, `payment_results_applied_total{status="PAID"}`) == float64(applied)
+		})
+	}
+	// One result at a time: each is its own statement, run enough times for
+	// its plan to be cached while the table is small.
+	for range 8 {
+		pay(s.createOrder(t, user, 1).ID)
+	}
+	seedOrders(t, dbURL, 100_000)
+	rows, err := schemaPool(t, dbURL).Query(context.Background(), `SELECT id::text FROM orders WHERE user_id = 'seed' LIMIT 12`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	seeded, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range seeded {
+		pay(id)
+	}
+	stat := func(column string) int {
+		return count(t, dbURL, `SELECT coalesce(`+column+`, 0) FROM pg_stat_user_tables
+			WHERE schemaname = current_schema() AND relname = 'orders'`)
+	}
+	waitFor(t, 30*time.Second, "the consumer's statistics flushed", func() bool { return stat("n_tup_upd") >= applied })
+	if read := stat("seq_tup_read"); read >= 100_000 {
+		t.Errorf("sequential scans read %d rows of orders: the consumer's plan scanned the whole table", read)
+	}
+}

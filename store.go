@@ -420,6 +420,17 @@ type outboxRow struct {
 	CreatedAt   time.Time  `db:"created_at"`
 }
 
+// queueNoSeqScan queues the statement that plans the rest of the transaction
+// with sequential scans switched off, like the relay's (queueRelayPlanning):
+// a generic plan that PostgreSQL caches for a statement while its table is
+// small is a sequential scan, and it stays cached as the table grows until
+// the next ANALYZE. For the consumer's UPDATE of orders by id that was a hash
+// join over every order: 71 ms a batch at 200 000 orders, where the index
+// takes a fraction of a millisecond.
+func queueNoSeqScan(b *pgx.Batch) {
+	b.Queue(`SELECT set_config('enable_seqscan', 'off', true)`)
+}
+
 // queueRelayPlanning queues the statement that sets how the rest of the
 // relay's transaction is planned: with sorts and sequential scans switched
 // off. Both are settings of the planner's costs, not prohibitions (a plan
@@ -522,16 +533,19 @@ func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymen
 	// changed maps each order that changed to its creation time, for the
 	// pipeline's latency.
 	changed := map[string]time.Time{}
-	err := pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		clear(changed) // a retried transaction starts over
-		rows, _ := tx.Query(ctx, `
-			UPDATE orders o
-			SET status = r.status, failure_reason = r.reason, updated_at = now()
-			FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(id, status, reason)
-			WHERE o.id = r.id AND o.status = 'PENDING'
-			RETURNING o.id::text, o.created_at`,
-			ids, statuses, reasons)
-		var done []string
+	var done []string
+	// BEGIN, the planner's settings and the UPDATE go in one round trip.
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	queueNoSeqScan(b)
+	b.Queue(`
+		UPDATE orders o
+		SET status = r.status, failure_reason = r.reason, updated_at = now()
+		FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(id, status, reason)
+		WHERE o.id = r.id AND o.status = 'PENDING'
+		RETURNING o.id::text, o.created_at`,
+		ids, statuses, reasons,
+	).Query(func(rows pgx.Rows) error {
 		var id string
 		var created time.Time
 		_, err := pgx.ForEachRow(rows, []any{&id, &created}, func() error {
@@ -539,12 +553,21 @@ func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymen
 			changed[id] = created
 			return nil
 		})
-		if err != nil {
-			return fmt.Errorf("apply payment results: %w", err)
-		}
-		return notifyStatus(ctx, tx, done)
+		return err
 	})
-	return changed, err
+	br := db.SendBatch(ctx, b)
+	tx := br.Tx()
+	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
+	if err := br.Close(); err != nil {
+		return nil, fmt.Errorf("apply payment results: %w", err)
+	}
+	if err := notifyStatus(ctx, tx, done); err != nil {
+		return nil, err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return nil, fmt.Errorf("apply payment results: commit: %w", err)
+	}
+	return changed, nil
 }
 
 func notifyStatus(ctx context.Context, db dbtx, orderIDs []string) error {
