@@ -149,7 +149,7 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 
 	b := &pgx.Batch{} // BEGIN and the claim in one round trip
 	b.BeginTx(pgx.TxOptions{})
-	queueRelayPlanning(b)
+	queuePlannerOff(b, "enable_sort", "enable_seqscan")
 	claim := queueClaimOutbox(b, r.batchSize)
 	br := r.db.SendBatch(ctx, b)
 	tx := br.Tx()

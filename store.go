@@ -187,8 +187,9 @@ func (e *commitUnknownError) Unwrap() error { return e.err }
 // queueInsertOrders queues the statement that inserts the batch's orders in
 // their given order, each with its pay-order event in the outbox. Once the
 // batch is read, inserted holds the rows it inserted by id (a row whose
-// (user, Idempotency-Key) exists is skipped, and has no event). The caller sorts batches by
-// key, so two batches lock keys in the same order and cannot deadlock.
+// (user, Idempotency-Key) exists is skipped, and has no event). The caller
+// sorts batches by key, so two batches lock keys in the same order and cannot
+// deadlock.
 //
 // The event is built here, from the inserted row, so that it needs no round
 // trip of its own. Its payload is row_to_json of (event_id, order_id,
@@ -420,39 +421,38 @@ type outboxRow struct {
 	CreatedAt   time.Time  `db:"created_at"`
 }
 
-// queueNoSeqScan queues the statement that plans the rest of the transaction
-// with sequential scans switched off, like the relay's (queueRelayPlanning):
-// a generic plan that PostgreSQL caches for a statement while its table is
-// small is a sequential scan, and it stays cached as the table grows until
-// the next ANALYZE. For the consumer's UPDATE of orders by id that was a hash
-// join over every order: 71 ms a batch at 200 000 orders, where the index
-// takes a fraction of a millisecond.
-func queueNoSeqScan(b *pgx.Batch) {
-	b.Queue(`SELECT set_config('enable_seqscan', 'off', true)`)
-}
-
-// queueRelayPlanning queues the statement that sets how the rest of the
-// relay's transaction is planned: with sorts and sequential scans switched
-// off. Both are settings of the planner's costs, not prohibitions (a plan
-// that needs one is still found), and both end with the transaction.
+// queuePlannerOff queues the statement that plans the rest of the
+// transaction with the given plan types switched off ("enable_sort",
+// "enable_seqscan"). They are settings of the planner's costs, not
+// prohibitions (a plan that needs one is still found), and they end with the
+// transaction.
 //
-// The planner's own choice depends on statistics that a new or just-flooded
-// outbox does not have. The claim must walk the partial index of unpublished
-// rows in id order and stop after limit rows, however many wait; where the
-// planner believes the backlog small (a table never analyzed, or analyzed
-// before an outage), it prefers to read every unpublished row and sort them:
-// 65 ms for a claim of 500 over a 200,000-row backlog, at every claim of the
-// drain, against 0.6 ms. No ordered plan but the index scan needs no sort.
-// For markPublished, see there.
-func queueRelayPlanning(b *pgx.Batch) {
-	b.Queue(`SELECT set_config('enable_sort', 'off', true), set_config('enable_seqscan', 'off', true)`)
+// The relay and the consumer need them because the planner's choice depends
+// on statistics that a new or just-grown table does not have, and because a
+// generic plan, which PostgreSQL caches after a statement's fifth run on a
+// connection, stays as it was made until the next ANALYZE:
+//
+//   - The relay's claim must walk the partial index of unpublished rows in id
+//     order and stop after limit rows, however many wait. Where the planner
+//     believes the backlog small (a table never analyzed, or analyzed before
+//     an outage), it prefers to read every unpublished row and sort them:
+//     65 ms for a claim of 500 over a 200,000-row backlog, at every claim of
+//     the drain, against 0.6 ms. No ordered plan but the index scan needs no
+//     sort. The relay turns off sorts and sequential scans; for
+//     markPublished, see there.
+//   - The consumer's UPDATE of orders by id, cached while orders was small,
+//     was a hash join over a sequential scan of every order: 71 ms a batch at
+//     200,000 orders, where the primary key takes a fraction of a millisecond.
+//     The consumer turns off sequential scans.
+func queuePlannerOff(b *pgx.Batch, settings ...string) {
+	b.Queue(`SELECT set_config(name, 'off', true) FROM unnest($1::text[]) AS name`, settings)
 }
 
 // queueClaimOutbox queues the statement that locks up to limit unpublished
 // rows, in id order; once the batch is read, *claimed holds them. SKIP LOCKED
 // lets several relays (and a relay's workers) share the table: each takes
 // rows no other transaction holds, and a crashed relay's locks vanish with
-// its connection, so no row stays stuck. Plan it after queueRelayPlanning.
+// its connection, so no row stays stuck. Plan it after queuePlannerOff.
 func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 	claimed = new([]outboxRow)
 	b.Queue(`
@@ -486,7 +486,7 @@ func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 // as it grew, until an autovacuum ANALYZE replaced it, and scanned every row
 // at every batch (8.7 ms for 43 rows under the create benchmark, the
 // largest cost in the database). The relay's transaction therefore plans
-// with sequential scans switched off (queueRelayPlanning).
+// with sequential scans switched off (queuePlannerOff).
 func markPublished(ctx context.Context, tx pgx.Tx, rows []pgtype.TID) error {
 	_, err := tx.Exec(ctx, `
 		UPDATE outbox SET published_at = clock_timestamp()
@@ -537,7 +537,7 @@ func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymen
 	// BEGIN, the planner's settings and the UPDATE go in one round trip.
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
-	queueNoSeqScan(b)
+	queuePlannerOff(b, "enable_seqscan")
 	b.Queue(`
 		UPDATE orders o
 		SET status = r.status, failure_reason = r.reason, updated_at = now()
