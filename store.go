@@ -225,20 +225,28 @@ func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[
 		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at FROM o`,
 		topic, ids, users, amounts, descs, keys, hashes, events, parents, states,
 	).Query(func(rows pgx.Rows) error {
-		for rows.Next() {
-			var o Order
-			if err := rows.Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
-				&o.CreatedAt, &o.UpdatedAt); err != nil {
-				return fmt.Errorf("insert orders: %w", err)
-			}
-			inserted[o.ID] = o.utc()
-		}
-		if err := rows.Err(); err != nil {
+		if err := scanOrdersByID(rows, inserted); err != nil {
 			return fmt.Errorf("insert orders: %w", err)
 		}
 		return nil
 	})
 	return inserted
+}
+
+// scanOrdersByID reads rows of (id, user_id, amount, description, status,
+// failure_reason, created_at, updated_at) into byID. It scans by position,
+// not by name (pgx.RowToStructByName): it is on the create path of every
+// order.
+func scanOrdersByID(rows pgx.Rows, byID map[string]Order) error {
+	for rows.Next() {
+		var o Order
+		if err := rows.Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
+			&o.CreatedAt, &o.UpdatedAt); err != nil {
+			return err
+		}
+		byID[o.ID] = o.utc()
+	}
+	return rows.Err()
 }
 
 func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) (Order, []byte, error) {
@@ -320,16 +328,9 @@ func getOrdersByID(ctx context.Context, db dbtx, ids []string) (map[string]Order
 	if err != nil {
 		return nil, fmt.Errorf("get orders by id: %w", err)
 	}
+	defer rows.Close()
 	found := make(map[string]Order, len(ids))
-	for rows.Next() {
-		var o Order
-		if err := rows.Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
-			&o.CreatedAt, &o.UpdatedAt); err != nil {
-			return nil, fmt.Errorf("get orders by id: %w", err)
-		}
-		found[o.ID] = o.utc()
-	}
-	if err := rows.Err(); err != nil {
+	if err := scanOrdersByID(rows, found); err != nil {
 		return nil, fmt.Errorf("get orders by id: %w", err)
 	}
 	return found, nil
