@@ -707,7 +707,7 @@ func startupFailure(t *testing.T, env map[string]string) (string, time.Duration)
 	select {
 	case <-c.done:
 	case <-time.After(20 * time.Second):
-		t.Fatal("still running 20s after start without its database")
+		t.Fatal("still running 20s after a start that cannot succeed")
 	}
 	var exit *exec.ExitError
 	if !errors.As(c.err, &exit) || exit.ExitCode() != 1 {
@@ -743,6 +743,26 @@ func TestStartupStopsAtOnceWhenDatabaseRefuses(t *testing.T) {
 	line, took := startupFailure(t, env)
 	if !strings.Contains(line, "order_service_no_such_db") || !strings.Contains(line, "refused") {
 		t.Errorf("exit line %q does not name the database", line)
+	}
+	if took > 15*time.Second {
+		t.Errorf("gave up after %s; the 60s STARTUP_TIMEOUT was waited out", took)
+	}
+}
+
+// Settling a commit whose answer was lost needs PostgreSQL 14 (endBackend):
+// on an older server, start-up stops at once and says why, rather than
+// answer 503 "outcome unknown" on the day a commit's answer is lost.
+func TestStartupStopsAtOnceWhenPostgreSQLIsOlderThan14(t *testing.T) {
+	b := newBroker(t, false)
+	p, dbURL := newCommitProxy(t, createSchema(t))
+	old := "13.16 (Debian 13.16-1.pgdg120+1)"
+	p.version.Store(&old)
+	env := childEnvFor(dbURL, b)
+	env["STARTUP_TIMEOUT"] = "60s"
+	line, took := startupFailure(t, env)
+	t.Logf("exit line: %s", line)
+	if !strings.Contains(line, "PostgreSQL 14 or newer") || !strings.Contains(line, "PostgreSQL 13.16") {
+		t.Errorf("exit line %q does not say that 14 is needed and 13.16 found", line)
 	}
 	if took > 15*time.Second {
 		t.Errorf("gave up after %s; the 60s STARTUP_TIMEOUT was waited out", took)

@@ -354,6 +354,9 @@ type commitProxy struct {
 	delay       atomic.Int64 // nanoseconds; 0: disarmed
 	cut         atomic.Bool
 	cancelsLost atomic.Bool // since the cut
+	// version, when set, is the server_version announced to clients in
+	// place of the server's, as an older server would announce its own.
+	version atomic.Pointer[string]
 }
 
 func newCommitProxy(t testing.TB, schema string) (*commitProxy, string) {
@@ -442,6 +445,10 @@ func (p *commitProxy) pipe(c net.Conn) {
 		}
 		if hdr[0] == 'K' && len(body) >= 4 {
 			binary.BigEndian.PutUint32(body, poolerPID)
+		}
+		if v := p.version.Load(); v != nil && hdr[0] == 'S' && bytes.HasPrefix(body, []byte("server_version\x00")) {
+			body = append([]byte("server_version\x00"+*v), 0)
+			binary.BigEndian.PutUint32(hdr[1:], uint32(len(body)+4))
 		}
 		if _, err := c.Write(append(hdr[:], body...)); err != nil {
 			return

@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"strconv"
 	"strings"
 	"time"
 
@@ -317,6 +318,28 @@ func endBackend(ctx context.Context, db dbtx, pid uint32, wait time.Duration) (b
 		return false, fmt.Errorf("end server process %d: %w", pid, err)
 	}
 	return ended != nil && *ended, nil
+}
+
+// errServerTooOld is a PostgreSQL older than 14. Settling a commit whose
+// answer was lost waits for the server process it ends (endBackend), and
+// pg_terminate_backend takes that wait only since 14; on an older server the
+// settle would fail, and every such order be answered "outcome unknown".
+var errServerTooOld = errors.New("PostgreSQL 14 or newer is needed")
+
+// checkServerVersion refuses a server older than 14 by the server_version it
+// reported when the connection started. A version it cannot read (a fork's
+// own format) is let through: the settle itself would then tell.
+func checkServerVersion(c *pgconn.PgConn) error {
+	v := c.ParameterStatus("server_version")
+	digits := strings.IndexFunc(v, func(r rune) bool { return r < '0' || r > '9' })
+	if digits < 0 {
+		digits = len(v)
+	}
+	major, err := strconv.Atoi(v[:digits])
+	if err != nil || major >= 14 {
+		return nil
+	}
+	return fmt.Errorf("%w; the server is PostgreSQL %s", errServerTooOld, v)
 }
 
 // getOrdersByID reads the orders of ids that exist.
@@ -687,6 +710,9 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 		pcfg.ConnConfig.RuntimeParams["timezone"] = "UTC"
 	}
 	pcfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
+		if err := checkServerVersion(c.PgConn()); err != nil {
+			return err
+		}
 		pid, err := backendPID(ctx, c)
 		if err != nil {
 			return err
@@ -720,6 +746,10 @@ func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool
 			// itself: say so now rather than after the timeout.
 			db.Close()
 			return nil, fmt.Errorf("database %s refused the connection: %s", where, cause)
+		}
+		if errors.Is(err, errServerTooOld) {
+			db.Close()
+			return nil, fmt.Errorf("database %s: %w", where, err)
 		}
 		if ctx.Err() != nil || time.Now().After(deadline) {
 			db.Close()
