@@ -522,6 +522,65 @@ func TestRelayPublishesThePartitionsThatTakeWrites(t *testing.T) {
 	waitDrained(t, dbURL)
 }
 
+// While a backlog lasts, the relay's other workers claim batches beside the
+// first; when the broker refuses, they stop after one failure each and leave
+// the retrying to the first worker and its backoff. Workers that retried on
+// their own would claim and fail batch after batch, as fast as the broker
+// answers.
+func TestRelayRetriesWithOneWorkerWhenTheBrokerRefuses(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["RELAY_WORKERS"] = "4"
+	env["RELAY_BATCH_SIZE"] = "10"
+	env["RELAY_POLL_INTERVAL"] = "1h"
+	s := startService(t, env)
+
+	// The first 30 produce requests pass, which sets every worker to work
+	// on the backlog; every later one is refused at once, for good.
+	var passed atomic.Int32
+	var refusing atomic.Bool
+	refusing.Store(true)
+	b.cluster.ControlKey(kmsg.Produce.Int16(), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		if !refusing.Load() || passed.Add(1) <= 30 {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		return refuseProduce(req.(*kmsg.ProduceRequest), kerr.InvalidRecord), nil, true
+	})
+	const backlog = 5000
+	if _, err := schemaPool(t, dbURL).Exec(context.Background(), `
+		WITH e AS (
+		    INSERT INTO outbox (topic, key, event_id, payload)
+		    SELECT $1, g::text, gen_random_uuid(), '{}' FROM generate_series(1, $2::int) AS g
+		)
+		SELECT pg_notify($3, '')`, b.topic(topicPayOrder), backlog, outboxChannel); err != nil {
+		t.Fatal(err)
+	}
+
+	// The first worker backs off 100ms after its first failure, doubling
+	// each time; the others stop after theirs, or after one more try if a
+	// batch that the broker took just before asked them back. From the
+	// first worker's third failure to its fifth (0.3s to 1.5s after the
+	// refusals began) no one else tries.
+	retries := func() int { return strings.Count(s.logs.String(), "relay: publish failed, retrying") }
+	waitFor(t, 15*time.Second, "the first worker's third failure", func() bool { return retries() >= 3 })
+	third := metric(t, s.url, "outbox_publish_errors_total")
+	waitFor(t, 15*time.Second, "the first worker's fifth failure", func() bool { return retries() >= 5 })
+	fifth := metric(t, s.url, "outbox_publish_errors_total")
+	published := metric(t, s.url, "outbox_events_published_total")
+	t.Logf("%v events published; %v failed batches by the first worker's third failure, %v by its fifth", published, third, fifth)
+	if published == 0 || published == backlog {
+		t.Fatalf("%v of %d events published before the broker refused: the workers were not draining", published, backlog)
+	}
+	if fifth-third != 2 {
+		t.Errorf("%v failed batches from the first worker's third failure to its fifth, want its own 2", fifth-third)
+	}
+
+	refusing.Store(false)
+	waitDrained(t, dbURL)
+}
+
 // refuseProduce answers every partition of req with code.
 func refuseProduce(req *kmsg.ProduceRequest, code *kerr.Error) *kmsg.ProduceResponse {
 	resp := req.ResponseKind().(*kmsg.ProduceResponse)

@@ -63,8 +63,8 @@ func (r *relay) run(ctx, abort context.Context) {
 		if err != nil {
 			failures++
 			d := backoff(failures)
+			r.metrics.publishErrors.Add(1) // counted before it is told
 			r.log.WarnContext(ctx, "relay: publish failed, retrying", "err", err, "retry_in", d)
-			r.metrics.publishErrors.Add(1)
 			if r.pause(ctx, d, brokerUnavailable(err)) {
 				failures = 0 // a new start: the broker is back
 			}
@@ -96,8 +96,8 @@ func (r *relay) assist(ctx, abort context.Context, help chan struct{}) {
 		for ctx.Err() == nil {
 			n, err := r.publishBatch(abort)
 			if err != nil {
-				r.log.WarnContext(ctx, "relay: publish failed, leaving the rest to the first worker", "err", err)
 				r.metrics.publishErrors.Add(1)
+				r.log.WarnContext(ctx, "relay: publish failed, leaving the rest to the first worker", "err", err)
 				break
 			}
 			if n < r.batchSize {
