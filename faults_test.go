@@ -523,8 +523,8 @@ func TestRelayPublishesThePartitionsThatTakeWrites(t *testing.T) {
 }
 
 // While a backlog lasts, the relay's other workers claim batches beside the
-// first; when the broker refuses, they stop after one failure each and leave
-// the retrying to the first worker and its backoff. Workers that retried on
+// first; when the broker refuses, each stops at its failure and leaves the
+// retrying to the first worker and its backoff. Workers that retried on
 // their own would claim and fail batch after batch, as fast as the broker
 // answers.
 func TestRelayRetriesWithOneWorkerWhenTheBrokerRefuses(t *testing.T) {
