@@ -337,6 +337,46 @@ func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
 	waitFor(t, 10*time.Second, "/readyz 200 again", func() bool { return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK })
 }
 
+// A failover, after start-up, to a server older than PostgreSQL 14 (say an
+// old standby): the service cannot settle a lost commit there, so it takes no
+// orders, and answers 503 (the database unavailable), not 500 (a bug). Once
+// the pool reaches a new enough server again, orders are taken.
+func TestServerOlderThan14AfterStartAnswers503(t *testing.T) {
+	b := newBroker(t, false)
+	p, dbURL := newCommitProxy(t, createSchema(t))
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	s.createOrder(t, user, 1)
+
+	old := "13.16"
+	p.version.Store(&old)
+	p.set(false) // every connection drops; the new ones announce 13.16
+	refused := func() bool { return strings.Contains(s.logs.String(), "PostgreSQL 14 or newer is needed") }
+	deadline := time.Now().Add(10 * time.Second)
+	// Until the service has met the old server, and three requests after.
+	for after := 0; after < 3; {
+		if time.Now().After(deadline) {
+			t.Fatalf("no connection to the old server refused within 10s:\n%s", s.logs)
+		}
+		if refused() {
+			after++
+		}
+		r := do(t, "POST", s.url+"/orders", `{"amount": 5}`, "X-User-Id", user)
+		if r.status != http.StatusServiceUnavailable || r.header.Get("Content-Type") != "application/problem+json" {
+			t.Fatalf("POST with the server at 13.16: %d %s, want 503 problem+json", r.status, r.body)
+		}
+	}
+	if r := do(t, "GET", s.url+"/readyz", ""); r.status != http.StatusServiceUnavailable {
+		t.Errorf("/readyz with the server at 13.16: %d %s, want 503", r.status, r.body)
+	}
+
+	p.version.Store(nil)
+	p.set(false)
+	waitFor(t, 10*time.Second, "an order taken on a new enough server", func() bool {
+		return do(t, "POST", s.url+"/orders", `{"amount": 5}`, "X-User-Id", user).status == http.StatusCreated
+	})
+}
+
 // poolerPID is the process id commitProxy announces for every connection.
 const poolerPID = 2_000_000_000
 

@@ -63,7 +63,7 @@ func (r *relay) run(ctx, abort context.Context) {
 		if err != nil {
 			failures++
 			d := backoff(failures)
-			r.metrics.publishErrors.Add(1) // counted before it is told
+			r.metrics.publishErrors.Add(1) // before the log line: a reader of the line finds it counted
 			r.log.WarnContext(ctx, "relay: publish failed, retrying", "err", err, "retry_in", d)
 			if r.pause(ctx, d, brokerUnavailable(err)) {
 				failures = 0 // a new start: the broker is back

@@ -324,6 +324,8 @@ func endBackend(ctx context.Context, db dbtx, pid uint32, wait time.Duration) (b
 // answer was lost waits for the server process it ends (endBackend), and
 // pg_terminate_backend takes that wait only since 14; on an older server the
 // settle would fail, and every such order be answered "outcome unknown".
+// Start-up stops on it; later (a failover to an old standby, say) it is the
+// database being unavailable, like errReadOnly: 503, not 500.
 var errServerTooOld = errors.New("PostgreSQL 14 or newer is needed")
 
 // checkServerVersion refuses a server older than 14 by the server_version it
@@ -673,7 +675,8 @@ func dbTransient(err error) bool {
 	return errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
 		errors.As(err, &netErr) || errors.As(err, &connectErr) || errors.Is(err, io.EOF) ||
 		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, errReadOnly) ||
-		errors.Is(err, errCommitOutcomeUnknown) || errors.Is(err, errNotWritten) || strings.Contains(err.Error(), "conn closed")
+		errors.Is(err, errServerTooOld) || errors.Is(err, errCommitOutcomeUnknown) || errors.Is(err, errNotWritten) ||
+		strings.Contains(err.Error(), "conn closed")
 }
 
 // dbPermanent is an error caused by the values written: class 22 (data
