@@ -180,34 +180,44 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 			recs[i].Headers = append(recs[i].Headers, kgo.RecordHeader{Key: "tracestate", Value: []byte(*row.Tracestate)})
 		}
 	}
+	// Each record's promise notes when the broker acknowledged it: a batch
+	// ends with its slowest partition, which may be retrying for seconds
+	// while the others were written at once.
+	acked := make([]time.Time, len(recs))
+	errs := make([]error, len(recs))
+	var wg sync.WaitGroup
+	wg.Add(len(recs))
 	pctx, pcancel := context.WithTimeout(ctx, r.produceTimeout)
-	results := r.kafka.ProduceSync(pctx, recs...)
+	for i, rec := range recs {
+		r.kafka.Produce(pctx, rec, func(_ *kgo.Record, err error) {
+			acked[i], errs[i] = time.Now(), err
+			wg.Done()
+		})
+	}
+	wg.Wait()
 	pcancel()
 	// Mark what the broker acknowledged, even when some records failed: a
 	// partition without a leader must not hold back the events of the
 	// others. The failed rows stay unpublished and are released at commit
 	// for the next try; a failed record that did reach the broker will be
 	// sent again: at least once.
-	index := make(map[*kgo.Record]int, len(recs)) // results come in completion order
-	for i, rec := range recs {
-		index[rec] = i
-	}
 	var published []outboxRow
 	var publishedRows []pgtype.TID
+	var publishedAt []time.Time
 	var produceErr error
-	for _, res := range results {
-		if res.Err != nil {
-			produceErr = cmp.Or(produceErr, res.Err)
+	for i, err := range errs {
+		if err != nil {
+			produceErr = cmp.Or(produceErr, err)
 			continue
 		}
-		i := index[res.Record]
 		published = append(published, claimed[i])
 		publishedRows = append(publishedRows, claimed[i].CTID)
+		publishedAt = append(publishedAt, acked[i])
 	}
 	if len(published) > 0 {
 		// A crash from here to Commit repeats these on the next claim; the
 		// consumer of pay-order dedupes on event_id.
-		if err := markPublished(ctx, tx, publishedRows); err != nil {
+		if err := markPublished(ctx, tx, publishedRows, publishedAt); err != nil {
 			return 0, err
 		}
 		if err := tx.Commit(ctx); err != nil {
@@ -215,10 +225,10 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 		}
 		r.metrics.eventsPublished.Add(int64(len(published)))
 		r.metrics.relayBatch.observe(float64(len(published)))
-		for _, row := range published {
+		for i, row := range published {
 			// created_at is the order transaction's start, within
 			// milliseconds of its commit.
-			r.metrics.publishLatency.observe(time.Since(row.CreatedAt).Seconds())
+			r.metrics.publishLatency.observe(publishedAt[i].Sub(row.CreatedAt).Seconds())
 		}
 	}
 	if produceErr != nil {

@@ -499,25 +499,35 @@ func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 	return claimed
 }
 
-// markPublished stamps the claimed rows with the time the broker
-// acknowledged them: clock_timestamp(), not now(), which is the claim's start,
-// before a produce that may have waited seconds for the broker.
+// markPublished stamps each claimed row with the moment the broker
+// acknowledged its record. That moment was taken on this process's clock and
+// is sent as how long ago it was, so published_at stays on PostgreSQL's clock
+// (created_at's): clock_timestamp() minus that age. Not now(), which is the
+// claim's start, before a produce that may have waited seconds; and not the
+// batch's end, which a partition retrying for seconds would impose on the
+// others, written at once.
 //
-// It finds them by ctid, their place in the table, which the claim's row
+// It finds the rows by ctid, their place in the table, which the claim's row
 // locks keep fixed: only an UPDATE or DELETE moves a row, and no other
-// transaction can run one on a locked row. A TID scan reads just those rows,
-// with no index. Its only rival is a sequential scan, which the planner
-// prefers for a table it believes a few pages long (never analyzed, as after
-// a deployment): that plan, cached while the table was nearly empty, stayed
-// as it grew, until an autovacuum ANALYZE replaced it, and scanned every row
-// at every batch (8.7 ms for 43 rows under the create benchmark, the
-// largest cost in the database). The relay's transaction therefore plans
-// with sequential scans switched off (queuePlannerOff).
-func markPublished(ctx context.Context, tx pgx.Tx, rows []pgtype.TID) error {
+// transaction can run one on a locked row. Joined with the list, each is
+// one TID scan, with no index. The only rival plan is a sequential scan,
+// which the planner prefers for a table it believes a few pages long (never
+// analyzed, as after a deployment): that plan, cached while the table was
+// nearly empty, stayed as it grew, until an autovacuum ANALYZE replaced it,
+// and scanned every row at every batch (8.7 ms for 43 rows under the create
+// benchmark, the largest cost in the database). The relay's transaction
+// therefore plans with sequential scans switched off (queuePlannerOff).
+func markPublished(ctx context.Context, tx pgx.Tx, rows []pgtype.TID, acked []time.Time) error {
+	now := time.Now()
+	ago := make([]time.Duration, len(acked))
+	for i, at := range acked {
+		ago[i] = now.Sub(at)
+	}
 	_, err := tx.Exec(ctx, `
-		UPDATE outbox SET published_at = clock_timestamp()
-		WHERE ctid = ANY($1::tid[])`,
-		rows)
+		UPDATE outbox SET published_at = clock_timestamp() - p.ago
+		FROM unnest($1::tid[], $2::interval[]) AS p(tid, ago)
+		WHERE outbox.ctid = p.tid`,
+		rows, ago)
 	if err != nil {
 		return fmt.Errorf("mark outbox published: %w", err)
 	}
