@@ -122,6 +122,7 @@ func newProducerClient(brokers []string) (*kgo.Client, error) {
 	return kgo.NewClient(
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("order-service"),
+		kgo.WithHooks(noteProduceEnd{}),
 		// acks=all and idempotent writes are kgo's defaults. This lets the
 		// relay's deadline fail even in-flight records, so a stalled
 		// broker cannot hold outbox row locks forever; the price is a
@@ -162,6 +163,12 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 		return 0, nil
 	}
 
+	// Each record's context holds where noteProduceEnd writes when its
+	// produce ended: a batch ends with its slowest partition, which may
+	// retry for seconds while the others were written at once.
+	pctx, pcancel := context.WithTimeout(ctx, r.produceTimeout)
+	defer pcancel()
+	ended := make([]time.Time, len(claimed))
 	recs := make([]*kgo.Record, len(claimed))
 	for i, row := range claimed {
 		// The record timestamp is left to the client (now): a backlog
@@ -172,6 +179,7 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 			Key:     []byte(row.Key),
 			Value:   row.Payload,
 			Headers: []kgo.RecordHeader{{Key: "event-id", Value: []byte(row.EventID)}},
+			Context: context.WithValue(pctx, produceEndKey{}, &ended[i]),
 		}
 		if row.Traceparent != nil {
 			recs[i].Headers = append(recs[i].Headers, kgo.RecordHeader{Key: "traceparent", Value: []byte(*row.Traceparent)})
@@ -180,39 +188,32 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 			recs[i].Headers = append(recs[i].Headers, kgo.RecordHeader{Key: "tracestate", Value: []byte(*row.Tracestate)})
 		}
 	}
-	// Each record's promise notes when the broker acknowledged it: a batch
-	// ends with its slowest partition, which may be retrying for seconds
-	// while the others were written at once.
-	acked := make([]time.Time, len(recs))
-	errs := make([]error, len(recs))
-	var wg sync.WaitGroup
-	wg.Add(len(recs))
-	pctx, pcancel := context.WithTimeout(ctx, r.produceTimeout)
-	for i, rec := range recs {
-		r.kafka.Produce(pctx, rec, func(_ *kgo.Record, err error) {
-			acked[i], errs[i] = time.Now(), err
-			wg.Done()
-		})
-	}
-	wg.Wait()
+	// ProduceSync, not a loop of Produce: it sends what it was given at
+	// once, where Produce would wait out the client's linger (10ms).
+	results := r.kafka.ProduceSync(pctx, recs...)
 	pcancel()
 	// Mark what the broker acknowledged, even when some records failed: a
 	// partition without a leader must not hold back the events of the
 	// others. The failed rows stay unpublished and are released at commit
 	// for the next try; a failed record that did reach the broker will be
 	// sent again: at least once.
+	index := make(map[*kgo.Record]int, len(recs)) // results come in completion order
+	for i, rec := range recs {
+		index[rec] = i
+	}
 	var published []outboxRow
 	var publishedRows []pgtype.TID
 	var publishedAt []time.Time
 	var produceErr error
-	for i, err := range errs {
-		if err != nil {
-			produceErr = cmp.Or(produceErr, err)
+	for _, res := range results {
+		if res.Err != nil {
+			produceErr = cmp.Or(produceErr, res.Err)
 			continue
 		}
+		i := index[res.Record]
 		published = append(published, claimed[i])
 		publishedRows = append(publishedRows, claimed[i].CTID)
-		publishedAt = append(publishedAt, acked[i])
+		publishedAt = append(publishedAt, ended[i])
 	}
 	if len(published) > 0 {
 		// A crash from here to Commit repeats these on the next claim; the
@@ -235,6 +236,22 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 		return len(published), fmt.Errorf("produce %d of %d records: %w", len(recs)-len(published), len(recs), produceError{produceErr})
 	}
 	return len(published), nil
+}
+
+// produceEndKey keys, in a relay record's context, the *time.Time where
+// noteProduceEnd writes when its produce ended. ProduceSync's results say
+// how each ended; only the hook sees when.
+type produceEndKey struct{}
+
+// noteProduceEnd is the producer's kgo hook: kgo calls it just before a
+// record's promise, as the broker's answer (or the deadline) ends that
+// record, not when the last record of its batch ends.
+type noteProduceEnd struct{}
+
+func (noteProduceEnd) OnProduceRecordUnbuffered(rec *kgo.Record, _ error) {
+	if at, ok := rec.Context.Value(produceEndKey{}).(*time.Time); ok {
+		*at = time.Now()
+	}
 }
 
 // produceError marks a batch that failed at the broker, not at the database.
