@@ -566,14 +566,7 @@ func TestPublishedAtIsTheBrokersAcknowledgement(t *testing.T) {
 	})
 	// Thirty events in one commit, so that the first claim holds them all.
 	const events = 30
-	if _, err := schemaPool(t, dbURL).Exec(context.Background(), `
-		WITH e AS (
-		    INSERT INTO outbox (topic, key, event_id, payload)
-		    SELECT $1, g::text, gen_random_uuid(), '{}' FROM generate_series(1, $2::int) AS g
-		)
-		SELECT pg_notify($3, '')`, b.topic(topicPayOrder), events, outboxChannel); err != nil {
-		t.Fatal(err)
-	}
+	insertEvents(t, dbURL, b.topic(topicPayOrder), events)
 	// kgo retries partition 0 after 50ms, 100ms, 200ms, ...: three refusals
 	// after the others' acknowledgement put some 350ms between the two.
 	waitFor(t, 10*time.Second, "partition 0 refused three times after the others were acknowledged", func() bool {
@@ -645,14 +638,7 @@ func TestRelayRetriesWithOneWorkerWhenTheBrokerRefuses(t *testing.T) {
 		return refuseProduce(req.(*kmsg.ProduceRequest), kerr.InvalidRecord), nil, true
 	})
 	const backlog = 5000
-	if _, err := schemaPool(t, dbURL).Exec(context.Background(), `
-		WITH e AS (
-		    INSERT INTO outbox (topic, key, event_id, payload)
-		    SELECT $1, g::text, gen_random_uuid(), '{}' FROM generate_series(1, $2::int) AS g
-		)
-		SELECT pg_notify($3, '')`, b.topic(topicPayOrder), backlog, outboxChannel); err != nil {
-		t.Fatal(err)
-	}
+	insertEvents(t, dbURL, b.topic(topicPayOrder), backlog)
 
 	// The first worker backs off 100ms after its first failure, doubling
 	// each time; the others stop after theirs, or after one more try if a
@@ -675,6 +661,20 @@ func TestRelayRetriesWithOneWorkerWhenTheBrokerRefuses(t *testing.T) {
 
 	refusing.Store(false)
 	waitDrained(t, dbURL)
+}
+
+// insertEvents commits n events for topic (keys "1" to "n") in one statement
+// and wakes the relay: a backlog that appears at once, as after an outage.
+func insertEvents(t testing.TB, dbURL, topic string, n int) {
+	t.Helper()
+	if _, err := schemaPool(t, dbURL).Exec(context.Background(), `
+		WITH e AS (
+		    INSERT INTO outbox (topic, key, event_id, payload)
+		    SELECT $1, g::text, gen_random_uuid(), '{}' FROM generate_series(1, $2::int) AS g
+		)
+		SELECT pg_notify($3, '')`, topic, n, outboxChannel); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // refuseProduce answers every partition of req with code.
