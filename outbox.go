@@ -167,7 +167,6 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	// produce ended: a batch ends with its slowest partition, which may
 	// retry for seconds while the others were written at once.
 	pctx, pcancel := context.WithTimeout(ctx, r.produceTimeout)
-	defer pcancel()
 	ended := make([]time.Time, len(claimed))
 	recs := make([]*kgo.Record, len(claimed))
 	for i, row := range claimed {
