@@ -360,26 +360,24 @@ func (c *consumer) apply(ctx context.Context, items []item) (map[string]time.Tim
 }
 
 // retry runs step until it succeeds, fails permanently (errPoison) or ctx
-// ends, with capped backoff.
+// ends. Each try has its own deadline, so a hung database or broker is a
+// failure to retry, not a stuck partition.
 func (c *consumer) retry(ctx context.Context, what string, step func(context.Context) error) error {
-	for failures := 1; ; failures++ {
-		sctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		err := step(sctx)
-		cancel()
-		if err == nil || errors.Is(err, errPoison) {
-			return err
+	return retry(ctx, func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		return step(ctx)
+	}, func(err error, wait time.Duration) bool {
+		if errors.Is(err, errPoison) {
+			return false
 		}
-		if ctx.Err() != nil {
-			return ctx.Err()
-		}
-		d := backoff(failures)
 		level := slog.LevelWarn
 		if !dbTransient(err) && !kafkaTransient(err) {
 			level = slog.LevelError // neither the database's nor the broker's weather: a bug
 		}
-		c.log.Log(ctx, level, "consumer: "+what+" failed, retrying", "err", err, "retry_in", d)
-		sleep(ctx, d)
-	}
+		c.log.Log(ctx, level, "consumer: "+what+" failed, retrying", "err", err, "retry_in", wait)
+		return true
+	})
 }
 
 // The DLQ copy is bounded: its error header is cut to maxErrorHeader bytes,

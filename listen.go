@@ -132,17 +132,18 @@ func (n *notifier) run(ctx context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	wg.Go(func() { n.notifyPeers(ctx) })
-	for failures := 1; ctx.Err() == nil; failures++ {
-		listened, err := n.listen(ctx)
-		if ctx.Err() != nil {
-			return
-		}
-		if listened {
-			failures = 1
-		}
-		d := backoff(failures)
-		n.log.WarnContext(ctx, "listen connection lost, reconnecting", "err", err, "retry_in", d)
-		sleep(ctx, d)
+	for ctx.Err() == nil {
+		retry(ctx, func(ctx context.Context) error { //nolint:errcheck // every failure is logged below
+			listened, err := n.listen(ctx)
+			if listened && ctx.Err() == nil {
+				n.log.WarnContext(ctx, "listen connection lost, reconnecting", "err", err)
+				return nil // a new count of failures
+			}
+			return err
+		}, func(err error, wait time.Duration) bool {
+			n.log.WarnContext(ctx, "listen connection failed, reconnecting", "err", err, "retry_in", wait)
+			return true
+		})
 	}
 }
 

@@ -10,14 +10,19 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 func main() {
@@ -73,94 +78,123 @@ type config struct {
 func (c config) topic(name string) string { return c.TopicPrefix + name }
 
 // loadConfig reads the environment; every variable has a default that makes
-// `go run .` work on a developer machine.
+// `go run .` work on a developer machine. Every malformed variable is named
+// in one error.
 func loadConfig(getenv func(string) string) (config, error) {
-	var errs []error
-	str := func(key, def string) string {
-		if v := strings.TrimSpace(getenv(key)); v != "" {
-			return v
-		}
-		return def
-	}
-	dur := func(key string, def time.Duration) time.Duration {
-		v := str(key, "")
-		if v == "" {
-			return def
-		}
-		d, err := time.ParseDuration(v)
-		if err != nil || d <= 0 {
-			errs = append(errs, fmt.Errorf("%s=%q: want a positive duration such as 1s or 500ms", key, v))
-		}
-		return d
-	}
-	num := func(key string, def, lo, hi int) int {
-		v := str(key, "")
-		if v == "" {
-			return def
-		}
-		n, err := strconv.Atoi(v)
-		if err != nil || n < lo || n > hi {
-			errs = append(errs, fmt.Errorf("%s=%q: want an integer from %d to %d", key, v, lo, hi))
-		}
-		return n
-	}
-
+	e := &env{getenv: getenv}
 	c := config{
-		HTTPAddr:          str("HTTP_ADDR", ":8081"),
-		DatabaseURL:       str("DATABASE_URL", ""),
-		EmbeddedKafkaAddr: str("EMBEDDED_KAFKA_ADDR", "127.0.0.1:9092"),
-		EmbeddedKafkaDir:  str("EMBEDDED_KAFKA_DIR", ""),
-		TopicPrefix:       str("KAFKA_TOPIC_PREFIX", ""),
-		TopicPartitions:   int32(num("KAFKA_TOPIC_PARTITIONS", 3, 1, 1000)),
-		StartupTimeout:    dur("STARTUP_TIMEOUT", 30*time.Second),
-		ShutdownTimeout:   dur("SHUTDOWN_TIMEOUT", 10*time.Second),
-		RelayBatchSize:    num("RELAY_BATCH_SIZE", 500, 1, 10000),
-		RelayWorkers:      num("RELAY_WORKERS", 2, 1, 16),
-		RelayPollInterval: dur("RELAY_POLL_INTERVAL", time.Second),
-		ProduceTimeout:    dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
-		OutboxRetention:   dur("OUTBOX_RETENTION", 24*time.Hour),
-		PurgeInterval:     dur("OUTBOX_PURGE_INTERVAL", 30*time.Second),
-		SessionTimeout:    dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
-		InstanceID:        str("KAFKA_GROUP_INSTANCE_ID", ""),
-		CreateBatchMax:    num("CREATE_BATCH_MAX", 64, 1, 1000),
-		CreateWriters:     num("CREATE_WRITERS", 2, 1, 64),
-		PprofAddr:         str("PPROF_ADDR", ""),
+		HTTPAddr:          e.str("HTTP_ADDR", ":8081"),
+		DatabaseURL:       e.str("DATABASE_URL", ""),
+		KafkaBrokers:      e.list("KAFKA_BROKERS"),
+		EmbeddedKafkaAddr: e.str("EMBEDDED_KAFKA_ADDR", "127.0.0.1:9092"),
+		EmbeddedKafkaDir:  e.str("EMBEDDED_KAFKA_DIR", defaultKafkaDir()),
+		TopicPrefix:       e.str("KAFKA_TOPIC_PREFIX", ""),
+		TopicPartitions:   int32(e.num("KAFKA_TOPIC_PARTITIONS", 3, 1, 1000)),
+		StartupTimeout:    e.dur("STARTUP_TIMEOUT", 30*time.Second),
+		ShutdownTimeout:   e.dur("SHUTDOWN_TIMEOUT", 10*time.Second),
+		RelayBatchSize:    e.num("RELAY_BATCH_SIZE", 500, 1, 10000),
+		RelayWorkers:      e.num("RELAY_WORKERS", 2, 1, 16),
+		RelayPollInterval: e.dur("RELAY_POLL_INTERVAL", time.Second),
+		ProduceTimeout:    e.dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
+		OutboxRetention:   e.dur("OUTBOX_RETENTION", 24*time.Hour),
+		PurgeInterval:     e.dur("OUTBOX_PURGE_INTERVAL", 30*time.Second),
+		SessionTimeout:    e.dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
+		InstanceID:        e.str("KAFKA_GROUP_INSTANCE_ID", ""),
+		CreateBatchMax:    e.num("CREATE_BATCH_MAX", 64, 1, 1000),
+		CreateWriters:     e.num("CREATE_WRITERS", 2, 1, 64),
+		PprofAddr:         e.str("PPROF_ADDR", ""),
+		LogJSON:           e.oneOf("LOG_FORMAT", "text", "json") == "json",
 	}
-	for _, b := range strings.Split(str("KAFKA_BROKERS", ""), ",") {
-		if b = strings.TrimSpace(b); b != "" {
-			c.KafkaBrokers = append(c.KafkaBrokers, b)
-		}
+	// The demo Payment Service answers by default only where nobody else
+	// can: on the embedded broker.
+	c.DemoPayments = e.boolean("DEMO_PAYMENTS", len(c.KafkaBrokers) == 0)
+	if err := c.LogLevel.UnmarshalText([]byte(e.str("LOG_LEVEL", "info"))); err != nil {
+		e.errs = append(e.errs, fmt.Errorf("LOG_LEVEL: %w", err))
 	}
-	if c.EmbeddedKafkaDir == "" {
-		cache, err := os.UserCacheDir()
-		if err != nil {
-			cache = os.TempDir()
-		}
-		c.EmbeddedKafkaDir = filepath.Join(cache, "order-service", "kafka")
-	}
-	switch v := strings.ToLower(str("DEMO_PAYMENTS", "")); v {
-	case "":
-		c.DemoPayments = len(c.KafkaBrokers) == 0
-	case "true", "1", "yes":
-		c.DemoPayments = true
-	case "false", "0", "no":
-	default:
-		errs = append(errs, fmt.Errorf("DEMO_PAYMENTS=%q: want true or false", v))
-	}
-	switch v := strings.ToLower(str("LOG_FORMAT", "text")); v {
-	case "text":
-	case "json":
-		c.LogJSON = true
-	default:
-		errs = append(errs, fmt.Errorf("LOG_FORMAT=%q: want text or json", v))
-	}
-	if err := c.LogLevel.UnmarshalText([]byte(str("LOG_LEVEL", "info"))); err != nil {
-		errs = append(errs, fmt.Errorf("LOG_LEVEL: %w", err))
-	}
-	if err := errors.Join(errs...); err != nil {
+	if err := errors.Join(e.errs...); err != nil {
 		return c, fmt.Errorf("configuration: %w", err)
 	}
 	return c, nil
+}
+
+// env reads configuration variables and collects what is wrong with them.
+type env struct {
+	getenv func(string) string
+	errs   []error
+}
+
+func (e *env) str(key, def string) string {
+	if v := strings.TrimSpace(e.getenv(key)); v != "" {
+		return v
+	}
+	return def
+}
+
+// list is a comma-separated list, empty items dropped.
+func (e *env) list(key string) []string {
+	var items []string
+	for _, v := range strings.Split(e.str(key, ""), ",") {
+		if v = strings.TrimSpace(v); v != "" {
+			items = append(items, v)
+		}
+	}
+	return items
+}
+
+func (e *env) dur(key string, def time.Duration) time.Duration {
+	v := e.str(key, "")
+	if v == "" {
+		return def
+	}
+	d, err := time.ParseDuration(v)
+	if err != nil || d <= 0 {
+		e.errs = append(e.errs, fmt.Errorf("%s=%q: want a positive duration such as 1s or 500ms", key, v))
+	}
+	return d
+}
+
+func (e *env) num(key string, def, lo, hi int) int {
+	v := e.str(key, "")
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < lo || n > hi {
+		e.errs = append(e.errs, fmt.Errorf("%s=%q: want an integer from %d to %d", key, v, lo, hi))
+	}
+	return n
+}
+
+// oneOf is one of the given words, in any case; the first is the default.
+func (e *env) oneOf(key string, words ...string) string {
+	v := strings.ToLower(e.str(key, words[0]))
+	if !slices.Contains(words, v) {
+		e.errs = append(e.errs, fmt.Errorf("%s=%q: want %s", key, v, strings.Join(words, " or ")))
+	}
+	return v
+}
+
+func (e *env) boolean(key string, def bool) bool {
+	switch v := strings.ToLower(e.str(key, "")); v {
+	case "":
+		return def
+	case "true", "1", "yes":
+		return true
+	case "false", "0", "no":
+		return false
+	default:
+		e.errs = append(e.errs, fmt.Errorf("%s=%q: want true or false", key, v))
+		return def
+	}
+}
+
+// defaultKafkaDir keeps the embedded broker's log in the user's cache.
+func defaultKafkaDir() string {
+	cache, err := os.UserCacheDir()
+	if err != nil {
+		cache = os.TempDir()
+	}
+	return filepath.Join(cache, "order-service", "kafka")
 }
 
 // run is the whole program; main only adds the OS. Tests call it with their
@@ -170,12 +204,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	if err != nil {
 		return err
 	}
-	var handler slog.Handler = slog.NewTextHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel})
-	if cfg.LogJSON {
-		handler = slog.NewJSONHandler(stdout, &slog.HandlerOptions{Level: cfg.LogLevel})
-	}
-	log := slog.New(contextHandler{handler}) // trace_id and request_id from the context
-
+	log := newLogger(cfg, stdout)
 	// stopBy is when shutdown must be over: zero until it begins. The
 	// deferred closes wait for nothing past it (closeBefore).
 	var stopBy time.Time
@@ -187,7 +216,6 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	if err := applySchema(ctx, db); err != nil {
 		return err
 	}
-
 	brokers := cfg.KafkaBrokers
 	if len(brokers) == 0 {
 		kf, err := startEmbeddedKafka(cfg.EmbeddedKafkaAddr, cfg.EmbeddedKafkaDir)
@@ -198,7 +226,6 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		brokers = kf.ListenAddrs()
 		log.Info("embedded kafka started", "addr", brokers[0], "data_dir", cfg.EmbeddedKafkaDir)
 	}
-
 	producer, err := newProducerClient(brokers)
 	if err != nil {
 		return fmt.Errorf("kafka producer: %w", err)
@@ -209,7 +236,6 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	if err != nil {
 		return fmt.Errorf("kafka consumer: %w", err)
 	}
-
 	if cfg.PprofAddr != "" {
 		defer servePprof(cfg.PprofAddr, log)()
 	}
@@ -219,18 +245,58 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		return fmt.Errorf("listen: %w", err)
 	}
 
+	p := start(ctx, cfg, log, db, brokers, producer, group)
+	log.Info("http server listening", "addr", ln.Addr().String())
+	srvErr := make(chan error, 1)
+	go func() { srvErr <- p.srv.Serve(ln) }()
+	select {
+	case <-ctx.Done():
+		err = nil
+	case err = <-srvErr:
+		err = fmt.Errorf("http server: %w", err)
+	}
+	stopBy = time.Now().Add(cfg.ShutdownTimeout)
+	p.shutdown(stopBy)
+	return err
+}
+
+// newLogger writes LOG_FORMAT lines at LOG_LEVEL to out, each with the
+// trace_id and request_id of its context.
+func newLogger(cfg config, out io.Writer) *slog.Logger {
+	var handler slog.Handler = slog.NewTextHandler(out, &slog.HandlerOptions{Level: cfg.LogLevel})
+	if cfg.LogJSON {
+		handler = slog.NewJSONHandler(out, &slog.HandlerOptions{Level: cfg.LogLevel})
+	}
+	return slog.New(contextHandler{handler})
+}
+
+// program is the running service: its HTTP server and its workers.
+type program struct {
+	cfg             config
+	log             *slog.Logger
+	srv             *http.Server
+	producer, group *kgo.Client
+	workers         sync.WaitGroup
+	stopWork        context.CancelFunc // asks the workers to finish
+	abort           context.CancelFunc // makes them abandon what is in flight
+}
+
+// start wires the service's parts and starts its workers; the server is
+// returned ready to serve.
+func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, brokers []string,
+	producer, group *kgo.Client) *program {
+	p := &program{cfg: cfg, log: log, producer: producer, group: group}
 	m := newMetrics()
 	m.consumerLag = func(ctx context.Context) (map[int32]int64, error) {
 		return consumerLag(ctx, producer, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults))
 	}
 	// Workers outlive ctx: they are stopped in order during shutdown.
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
-	defer stopWork()
 	// abortCtx ends when shutdown's budget is nearly spent: work still in
-	// flight then is abandoned, which is safe to redo (see shutdown below).
+	// flight then is abandoned, which is safe to redo (see shutdown).
 	abortCtx, abort := context.WithCancel(context.WithoutCancel(ctx))
-	defer abort()
-	var wg sync.WaitGroup
+	p.stopWork, p.abort = stopWork, abort
+	wg := &p.workers
 	wg.Go(func() {
 		ensureTopics(workCtx, producer, log, cfg.TopicPartitions,
 			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
@@ -258,57 +324,48 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 			}
 		})
 	}
+	p.srv = newServer(log, db, producer, notes, orders, m)
+	return p
+}
 
-	srv := newServer(log, db, producer, notes, orders, m)
-	log.Info("http server listening", "addr", ln.Addr().String())
-	srvErr := make(chan error, 1)
-	go func() { srvErr <- srv.Serve(ln) }()
-
-	select {
-	case <-ctx.Done():
-		err = nil
-	case err = <-srvErr:
-		err = fmt.Errorf("http server: %w", err)
-	}
-
-	// Shutdown order: stop taking requests and finish those in flight;
-	// let the relay finish its batch and the consumer commit what it
-	// applied; leave the group; flush the producer. All of it within
-	// SHUTDOWN_TIMEOUT, whatever the broker or the group do: the last fifth
-	// of the budget (at most 2s) is kept for leaving the group, and work
-	// still in flight when it begins is abandoned. That is safe to redo:
-	// unpublished rows stay in the outbox, uncommitted results are
-	// redelivered and change nothing.
-	log.Info("shutting down")
-	stopBy = time.Now().Add(cfg.ShutdownTimeout)
-	sctx, cancel := context.WithDeadline(context.Background(), stopBy)
+// shutdown stops the program by stopBy: stop taking requests and finish
+// those in flight; let the relay finish its batch and the consumer commit
+// what it applied; leave the group; flush the producer. All of it within
+// SHUTDOWN_TIMEOUT, whatever the broker or the group do: the last fifth of
+// the budget (at most 2s) is kept for leaving the group, and work still in
+// flight when it begins is abandoned. That is safe to redo: unpublished rows
+// stay in the outbox, uncommitted results are redelivered and change nothing.
+func (p *program) shutdown(stopBy time.Time) {
+	p.log.Info("shutting down")
+	defer p.stopWork()
+	defer p.abort()
+	ctx, cancel := context.WithDeadline(context.Background(), stopBy)
 	defer cancel()
-	keep := min(cfg.ShutdownTimeout/5, 2*time.Second)
-	defer time.AfterFunc(cfg.ShutdownTimeout-keep, abort).Stop()
-	if serr := srv.Shutdown(sctx); serr != nil {
-		log.Warn("http shutdown", "err", serr)
+	keep := min(p.cfg.ShutdownTimeout/5, 2*time.Second)
+	defer time.AfterFunc(time.Until(stopBy)-keep, p.abort).Stop()
+	if err := p.srv.Shutdown(ctx); err != nil {
+		p.log.Warn("http shutdown", "err", err)
 	}
-	stopWork()
+	p.stopWork()
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		wg.Wait() // the relay's last batch is marked, the consumer's last poll committed
-		if lerr := group.LeaveGroupContext(sctx); lerr != nil {
-			log.Warn("leave consumer group", "err", lerr)
+		p.workers.Wait() // the relay's last batch is marked, the consumer's last poll committed
+		if err := p.group.LeaveGroupContext(ctx); err != nil {
+			p.log.Warn("leave consumer group", "err", err)
 		}
-		group.CloseAllowingRebalance()
-		if ferr := producer.Flush(sctx); ferr != nil {
-			log.Warn("flush producer", "err", ferr)
+		p.group.CloseAllowingRebalance()
+		if err := p.producer.Flush(ctx); err != nil {
+			p.log.Warn("flush producer", "err", err)
 		}
 	}()
 	select {
 	case <-done:
-		log.Info("stopped")
-	case <-sctx.Done():
-		log.Error("shutdown budget spent, stopping anyway: unpublished events stay in the outbox, "+
-			"uncommitted payment results will be redelivered", "budget", cfg.ShutdownTimeout)
+		p.log.Info("stopped")
+	case <-ctx.Done():
+		p.log.Error("shutdown budget spent, stopping anyway: unpublished events stay in the outbox, "+
+			"uncommitted payment results will be redelivered", "budget", p.cfg.ShutdownTimeout)
 	}
-	return err
 }
 
 // closeBefore runs f, a deferred close, but waits for it no later than

@@ -113,13 +113,6 @@ func (m *metrics) deadLetteredFor(reason string) {
 	m.deadLettered[slices.Index(dlqReasons[:], reason)].Add(1)
 }
 
-func (m *metrics) deadLetteredTotal() (n int64) {
-	for i := range m.deadLettered {
-		n += m.deadLettered[i].Load()
-	}
-	return n
-}
-
 func (m *metrics) resultsApplied(status string) {
 	if status == "PAID" {
 		m.resultsPaid.Add(1)

@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"sync"
 	"time"
 
@@ -35,10 +34,7 @@ type relay struct {
 	wake <-chan struct{} // new outbox rows announced, or the listener reconnected
 }
 
-const (
-	purgeBatchSize = 1000
-	maxBackoff     = 5 * time.Second
-)
+const purgeBatchSize = 1000
 
 // run publishes until ctx is cancelled, then returns after the batches in
 // flight have been published and marked, or rolled back when abort ends
@@ -129,11 +125,12 @@ func newProducerClient(brokers []string) (*kgo.Client, error) {
 		// possible duplicate, which at-least-once delivery allows anyway.
 		kgo.AllowIdempotentProduceCancellation(),
 		// While brokers are unreachable kgo fails a record only after a
-		// metadata refresh, and refreshes at most every MetadataMinAge (5s)
-		// with backoff up to 2.5s between tries: a 1s RELAY_PRODUCE_TIMEOUT
-		// took 4-7s, and a returned cluster was noticed as late. Refreshing
-		// at most four times a second and retrying within 250ms costs a few
-		// requests a second, only while something is failing.
+		// metadata refresh, and by default refreshes at most every 5s
+		// with backoff up to 2.5s between tries: the produce deadline
+		// would be overrun by seconds, and a returned cluster noticed as
+		// late. Refreshing at most four times a second and retrying
+		// within 250ms costs a few requests a second, only while
+		// something is failing.
 		kgo.MetadataMinAge(250*time.Millisecond),
 		kgo.RetryBackoffFn(func(tries int) time.Duration {
 			return jitter(min(250*time.Millisecond, 25*time.Millisecond<<min(tries, 4)))
@@ -147,94 +144,126 @@ func newProducerClient(brokers []string) (*kgo.Client, error) {
 func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	ctx, cancel := context.WithTimeout(ctx, r.produceTimeout+10*time.Second)
 	defer cancel()
-
-	b := &pgx.Batch{} // BEGIN and the claim in one round trip
-	b.BeginTx(pgx.TxOptions{})
-	queuePlannerOff(b, "enable_sort", "enable_seqscan")
-	claim := queueClaimOutbox(b, r.batchSize)
-	br := r.db.SendBatch(ctx, b)
-	tx := br.Tx()
-	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
-	if err := br.Close(); err != nil {
-		return 0, fmt.Errorf("claim: %w", err)
+	tx, claimed, err := r.claim(ctx)
+	if err != nil {
+		return 0, err
 	}
-	claimed := *claim
+	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
 	if len(claimed) == 0 {
 		return 0, nil
 	}
-
-	// Each record's context holds where noteProduceEnd writes when its
-	// produce ended: a batch ends with its slowest partition, which may
-	// retry for seconds while the others were written at once.
-	pctx, pcancel := context.WithTimeout(ctx, r.produceTimeout)
-	ended := make([]time.Time, len(claimed))
-	recs := make([]*kgo.Record, len(claimed))
-	for i, row := range claimed {
-		// The record timestamp is left to the client (now): a backlog
-		// published late must not inherit an age that retention would
-		// delete at once.
-		recs[i] = &kgo.Record{
-			Topic:   row.Topic,
-			Key:     []byte(row.Key),
-			Value:   row.Payload,
-			Headers: []kgo.RecordHeader{{Key: "event-id", Value: []byte(row.EventID)}},
-			Context: context.WithValue(pctx, produceEndKey{}, &ended[i]),
-		}
-		if row.Traceparent != nil {
-			recs[i].Headers = append(recs[i].Headers, kgo.RecordHeader{Key: "traceparent", Value: []byte(*row.Traceparent)})
-		}
-		if row.Tracestate != nil {
-			recs[i].Headers = append(recs[i].Headers, kgo.RecordHeader{Key: "tracestate", Value: []byte(*row.Tracestate)})
-		}
-	}
-	// ProduceSync, not a loop of Produce: it sends what it was given at
-	// once, where Produce would wait out the client's linger (10ms).
-	results := r.kafka.ProduceSync(pctx, recs...)
-	pcancel()
 	// Mark what the broker acknowledged, even when some records failed: a
 	// partition without a leader must not hold back the events of the
 	// others. The failed rows stay unpublished and are released at commit
 	// for the next try; a failed record that did reach the broker will be
 	// sent again: at least once.
-	index := make(map[*kgo.Record]int, len(recs)) // results come in completion order
-	for i, rec := range recs {
-		index[rec] = i
+	acked, produceErr := r.produce(ctx, claimed)
+	if len(acked) > 0 {
+		if err := r.markAndCommit(ctx, tx, acked); err != nil {
+			return 0, err
+		}
 	}
-	var published []outboxRow
-	var publishedRows []pgtype.TID
-	var publishedAt []time.Time
-	var produceErr error
-	for _, res := range results {
+	return len(acked), produceErr
+}
+
+// claim begins the batch's transaction and locks up to batchSize
+// unpublished rows, in one round trip.
+func (r *relay) claim(ctx context.Context) (pgx.Tx, []outboxRow, error) {
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	queuePlannerOff(b, "enable_sort", "enable_seqscan")
+	claim := queueClaimOutbox(b, r.batchSize)
+	br := r.db.SendBatch(ctx, b)
+	tx := br.Tx()
+	if err := br.Close(); err != nil {
+		tx.Rollback(ctx) //nolint:errcheck // the claim's error says more
+		return nil, nil, fmt.Errorf("claim: %w", err)
+	}
+	return tx, *claim, nil
+}
+
+// ackedRow is a claimed row whose record the broker acknowledged, at at.
+type ackedRow struct {
+	row outboxRow
+	at  time.Time
+}
+
+// produce sends the claimed rows' records within the produce deadline and
+// returns those the broker acknowledged, with the first failure of the
+// others as a produceError.
+func (r *relay) produce(ctx context.Context, claimed []outboxRow) ([]ackedRow, error) {
+	ctx, cancel := context.WithTimeout(ctx, r.produceTimeout)
+	defer cancel()
+	// Each record's context holds where noteProduceEnd writes when its
+	// produce ended: a batch ends with its slowest partition, which may
+	// retry for seconds while the others were written at once.
+	ended := make([]time.Time, len(claimed))
+	recs := make([]*kgo.Record, len(claimed))
+	index := make(map[*kgo.Record]int, len(recs)) // results come in completion order
+	for i, row := range claimed {
+		recs[i] = eventRecord(context.WithValue(ctx, produceEndKey{}, &ended[i]), row)
+		index[recs[i]] = i
+	}
+	// ProduceSync, not a loop of Produce: it sends what it was given at
+	// once, where Produce would wait out the client's linger (10ms).
+	var acked []ackedRow
+	var failed error
+	for _, res := range r.kafka.ProduceSync(ctx, recs...) {
 		if res.Err != nil {
-			produceErr = cmp.Or(produceErr, res.Err)
+			failed = cmp.Or(failed, res.Err)
 			continue
 		}
 		i := index[res.Record]
-		published = append(published, claimed[i])
-		publishedRows = append(publishedRows, claimed[i].CTID)
-		publishedAt = append(publishedAt, ended[i])
+		acked = append(acked, ackedRow{row: claimed[i], at: ended[i]})
 	}
-	if len(published) > 0 {
-		// A crash from here to Commit repeats these on the next claim; the
-		// consumer of pay-order dedupes on event_id.
-		if err := markPublished(ctx, tx, publishedRows, publishedAt); err != nil {
-			return 0, err
-		}
-		if err := tx.Commit(ctx); err != nil {
-			return 0, fmt.Errorf("commit published batch: %w", err)
-		}
-		r.metrics.eventsPublished.Add(int64(len(published)))
-		r.metrics.relayBatch.observe(float64(len(published)))
-		for i, row := range published {
-			// created_at is the order transaction's start, within
-			// milliseconds of its commit.
-			r.metrics.publishLatency.observe(publishedAt[i].Sub(row.CreatedAt).Seconds())
-		}
+	if failed != nil {
+		return acked, fmt.Errorf("produce %d of %d records: %w", len(recs)-len(acked), len(recs), produceError{failed})
 	}
-	if produceErr != nil {
-		return len(published), fmt.Errorf("produce %d of %d records: %w", len(recs)-len(published), len(recs), produceError{produceErr})
+	return acked, nil
+}
+
+// eventRecord is the Kafka record of an outbox row. Its timestamp is left
+// to the client (now): a backlog published late must not inherit an age
+// that the topic's retention would delete at once.
+func eventRecord(ctx context.Context, row outboxRow) *kgo.Record {
+	rec := &kgo.Record{
+		Topic:   row.Topic,
+		Key:     []byte(row.Key),
+		Value:   row.Payload,
+		Headers: []kgo.RecordHeader{{Key: "event-id", Value: []byte(row.EventID)}},
+		Context: ctx,
 	}
-	return len(published), nil
+	if row.Traceparent != nil {
+		rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: "traceparent", Value: []byte(*row.Traceparent)})
+	}
+	if row.Tracestate != nil {
+		rec.Headers = append(rec.Headers, kgo.RecordHeader{Key: "tracestate", Value: []byte(*row.Tracestate)})
+	}
+	return rec
+}
+
+// markAndCommit marks the acknowledged rows published and commits. A crash
+// before the commit repeats them on the next claim; the consumer of
+// pay-order dedupes on event_id.
+func (r *relay) markAndCommit(ctx context.Context, tx pgx.Tx, acked []ackedRow) error {
+	rows, at := make([]pgtype.TID, len(acked)), make([]time.Time, len(acked))
+	for i, a := range acked {
+		rows[i], at[i] = a.row.CTID, a.at
+	}
+	if err := markPublished(ctx, tx, rows, at); err != nil {
+		return err
+	}
+	if err := tx.Commit(ctx); err != nil {
+		return fmt.Errorf("commit published batch: %w", err)
+	}
+	r.metrics.eventsPublished.Add(int64(len(acked)))
+	r.metrics.relayBatch.observe(float64(len(acked)))
+	for _, a := range acked {
+		// created_at is the order transaction's start, within
+		// milliseconds of its commit.
+		r.metrics.publishLatency.observe(a.at.Sub(a.row.CreatedAt).Seconds())
+	}
+	return nil
 }
 
 // produceEndKey keys, in a relay record's context, the *time.Time where
@@ -333,28 +362,5 @@ func (r *relay) purgeLoop(ctx context.Context) {
 				break
 			}
 		}
-	}
-}
-
-// backoff is capped exponential backoff with jitter: 100ms, 200ms, ... 5s.
-func backoff(failures int) time.Duration {
-	d := maxBackoff
-	if failures < 7 {
-		d = min(maxBackoff, 100*time.Millisecond<<(failures-1))
-	}
-	return jitter(d)
-}
-
-// jitter adds up to 10% so that replicas do not poll in lockstep.
-func jitter(d time.Duration) time.Duration {
-	return d + rand.N(d/10+1)
-}
-
-func sleep(ctx context.Context, d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-	case <-t.C:
 	}
 }

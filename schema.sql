@@ -1,4 +1,4 @@
--- Applied at every start (see applySchema in store.go): every statement must be
+-- Applied at every start (applySchema in database.go): every statement must be
 -- idempotent, and replicas starting together serialise on an advisory lock.
 
 CREATE TABLE IF NOT EXISTS orders (
@@ -22,7 +22,7 @@ CREATE INDEX IF NOT EXISTS orders_user_created_idx
     ON orders (user_id, created_at DESC, id DESC);
 
 -- An Idempotency-Key is scoped to its user; the constraint, not a prior
--- SELECT, is what makes two concurrent replays safe (insertOrder).
+-- SELECT, is what makes two concurrent replays safe (queueInsertOrders).
 CREATE UNIQUE INDEX IF NOT EXISTS orders_user_idempotency_key_idx
     ON orders (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 

@@ -1,19 +1,14 @@
 package main
 
 // store.go holds every SQL statement of the service, one function per
-// statement, plus the one transaction that writes an order with its outbox row,
-// and the connection to the database (connectDB).
+// statement, and the transactions built of them: an order with its outbox
+// row, a poll of payment results. Connecting is database.go's, classifying
+// errors dberrors.go's.
 
 import (
 	"context"
-	_ "embed"
 	"errors"
 	"fmt"
-	"io"
-	"log/slog"
-	"net"
-	"strconv"
-	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -21,9 +16,6 @@ import (
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
-
-//go:embed schema.sql
-var schemaSQL string
 
 // outboxChannel is the LISTEN/NOTIFY channel that wakes the relay.
 const outboxChannel = "order_service_outbox"
@@ -43,29 +35,14 @@ type dbtx interface {
 
 // Order is both the row and the JSON the API answers with.
 type Order struct {
-	ID            string    `json:"id" db:"id"`
-	UserID        string    `json:"user_id" db:"user_id"`
-	Amount        int64     `json:"amount" db:"amount"`
-	Description   string    `json:"description" db:"description"`
-	Status        string    `json:"status" db:"status"`
-	FailureReason *string   `json:"failure_reason,omitempty" db:"failure_reason"`
-	CreatedAt     time.Time `json:"created_at" db:"created_at"`
-	UpdatedAt     time.Time `json:"updated_at" db:"updated_at"`
-}
-
-// applySchema runs schema.sql. Two replicas starting at once would race on
-// CREATE ... IF NOT EXISTS (it is not atomic with respect to the catalog), so
-// the transaction first takes an advisory lock.
-func applySchema(ctx context.Context, db *pgxpool.Pool) error {
-	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('order-service schema'))`); err != nil {
-			return fmt.Errorf("lock schema: %w", err)
-		}
-		if _, err := tx.Exec(ctx, schemaSQL); err != nil {
-			return fmt.Errorf("apply schema.sql: %w", err)
-		}
-		return nil
-	})
+	ID            string    `json:"id"`
+	UserID        string    `json:"user_id"`
+	Amount        int64     `json:"amount"`
+	Description   string    `json:"description"`
+	Status        string    `json:"status"`
+	FailureReason *string   `json:"failure_reason,omitempty"`
+	CreatedAt     time.Time `json:"created_at"`
+	UpdatedAt     time.Time `json:"updated_at"`
 }
 
 // newOrder is what a POST /orders asks for.
@@ -215,7 +192,7 @@ func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[
 		    INSERT INTO orders (id, user_id, amount, description, idempotency_key, request_hash)
 		    SELECT id, user_id, amount, description, idempotency_key, request_hash FROM r ORDER BY n
 		    ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
-		    RETURNING id, user_id, amount, description, status, failure_reason, created_at, updated_at
+		    RETURNING `+orderColumns+`
 		), e AS (
 		    INSERT INTO outbox (topic, key, event_id, payload, traceparent, tracestate)
 		    SELECT $1, p.order_id::text, p.event_id, to_json(p), NULLIF(r.traceparent, ''), NULLIF(r.tracestate, '')
@@ -223,7 +200,7 @@ func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[
 		         CROSS JOIN LATERAL (SELECT r.event_id, o.id AS order_id, o.user_id, o.amount, o.created_at) p
 		    ORDER BY r.n
 		)
-		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at FROM o`,
+		SELECT * FROM o`,
 		topic, ids, users, amounts, descs, keys, hashes, events, parents, states,
 	).Query(func(rows pgx.Rows) error {
 		if err := scanOrdersByID(rows, inserted); err != nil {
@@ -234,35 +211,40 @@ func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[
 	return inserted
 }
 
-// scanOrdersByID reads rows of (id, user_id, amount, description, status,
-// failure_reason, created_at, updated_at) into byID. It scans by position,
-// not by name (pgx.RowToStructByName): it is on the create path of every
-// order.
+// orderColumns is the select list of an Order, in scanOrder's order.
+const orderColumns = `id, user_id, amount, description, status, failure_reason, created_at, updated_at`
+
+// scanOrder reads a row of orderColumns, then of extra columns into extra.
+// It scans by position, not by name (pgx.RowToStructByName): it is on the
+// create path of every order.
+func scanOrder(row pgx.Row, extra ...any) (Order, error) {
+	var o Order
+	err := row.Scan(append([]any{&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
+		&o.CreatedAt, &o.UpdatedAt}, extra...)...)
+	return o.utc(), err
+}
+
+// scanOrdersByID reads rows of orderColumns into byID.
 func scanOrdersByID(rows pgx.Rows, byID map[string]Order) error {
-	for rows.Next() {
-		var o Order
-		if err := rows.Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
-			&o.CreatedAt, &o.UpdatedAt); err != nil {
-			return err
-		}
-		byID[o.ID] = o.utc()
-	}
-	return rows.Err()
+	_, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (struct{}, error) {
+		o, err := scanOrder(row)
+		byID[o.ID] = o
+		return struct{}{}, err
+	})
+	return err
 }
 
 func getOrderByIdempotencyKey(ctx context.Context, db dbtx, userID, key string) (Order, []byte, error) {
 	var hash []byte
-	var o Order
-	err := db.QueryRow(ctx, `
-		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at, request_hash
+	o, err := scanOrder(db.QueryRow(ctx, `
+		SELECT `+orderColumns+`, request_hash
 		FROM orders
 		WHERE user_id = $1 AND idempotency_key = $2`,
-		userID, key).Scan(&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
-		&o.CreatedAt, &o.UpdatedAt, &hash)
+		userID, key), &hash)
 	if err != nil {
 		return Order{}, nil, fmt.Errorf("get order by idempotency key: %w", err)
 	}
-	return o.utc(), hash, nil
+	return o, hash, nil
 }
 
 // notify sends a notification on channel; PostgreSQL delivers it when the
@@ -274,13 +256,6 @@ func notify(ctx context.Context, db dbtx, channel, payload string) error {
 	return nil
 }
 
-// serverPIDKey keeps, in each pooled connection's CustomData, the id of the
-// server process behind it as the server itself reports it (connectDB). The
-// id the connection's handshake announced is not enough: a pooler in session
-// mode hands its clients made-up ids, and settling a lost commit must end the
-// real process (endBackend).
-const serverPIDKey = "order-service.server-pid"
-
 // backendPID asks the server which process serves this connection.
 func backendPID(ctx context.Context, db dbtx) (uint32, error) {
 	var pid int32
@@ -288,14 +263,6 @@ func backendPID(ctx context.Context, db dbtx) (uint32, error) {
 		return 0, fmt.Errorf("server process id: %w", err)
 	}
 	return uint32(pid), nil
-}
-
-// serverPID is the server process behind c (see serverPIDKey).
-func serverPID(c *pgconn.PgConn) uint32 {
-	if pid, ok := c.CustomData()[serverPIDKey].(uint32); ok {
-		return pid
-	}
-	return c.PID()
 }
 
 // endBackend ends the server process pid, if it is still there, and waits
@@ -320,34 +287,10 @@ func endBackend(ctx context.Context, db dbtx, pid uint32, wait time.Duration) (b
 	return ended != nil && *ended, nil
 }
 
-// errServerTooOld is a PostgreSQL older than 14. Settling a commit whose
-// answer was lost waits for the server process it ends (endBackend), and
-// pg_terminate_backend takes that wait only since 14; on an older server the
-// settle would fail, and every such order be answered "outcome unknown".
-// Start-up stops on it; later (a failover to an old standby, say) it is the
-// database being unavailable, like errReadOnly: 503, not 500.
-var errServerTooOld = errors.New("PostgreSQL 14 or newer is needed")
-
-// checkServerVersion refuses a server older than 14 by the server_version it
-// reported when the connection started. A version it cannot read (a fork's
-// own format) is let through: the settle itself would then tell.
-func checkServerVersion(c *pgconn.PgConn) error {
-	v := c.ParameterStatus("server_version")
-	digits := strings.IndexFunc(v, func(r rune) bool { return r < '0' || r > '9' })
-	if digits < 0 {
-		digits = len(v)
-	}
-	major, err := strconv.Atoi(v[:digits])
-	if err != nil || major >= 14 {
-		return nil
-	}
-	return fmt.Errorf("%w; the server is PostgreSQL %s", errServerTooOld, v)
-}
-
 // getOrdersByID reads the orders of ids that exist.
 func getOrdersByID(ctx context.Context, db dbtx, ids []string) (map[string]Order, error) {
 	rows, err := db.Query(ctx, `
-		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at
+		SELECT `+orderColumns+`
 		FROM orders
 		WHERE id = ANY($1::uuid[])`, ids)
 	if err != nil {
@@ -360,10 +303,6 @@ func getOrdersByID(ctx context.Context, db dbtx, ids []string) (map[string]Order
 	}
 	return found, nil
 }
-
-// errReadOnly is a database that takes no writes: a standby, or a primary
-// demoted during a failover.
-var errReadOnly = errors.New("the database is read-only")
 
 // checkWritable is the readiness check: the database answers and takes
 // writes. A connection that finds it read-only is closed, so that the pool
@@ -388,19 +327,18 @@ func checkWritable(ctx context.Context, db *pgxpool.Pool) error {
 // getOrder returns the order only to its owner: another user's order is
 // errNotFound, so ids cannot be probed.
 func getOrder(ctx context.Context, db dbtx, userID, id string) (Order, error) {
-	rows, _ := db.Query(ctx, `
-		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at
+	o, err := scanOrder(db.QueryRow(ctx, `
+		SELECT `+orderColumns+`
 		FROM orders
 		WHERE id = $1 AND user_id = $2`,
-		id, userID)
-	o, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[Order])
+		id, userID))
 	if errors.Is(err, pgx.ErrNoRows) {
 		return Order{}, errNotFound
 	}
 	if err != nil {
 		return Order{}, fmt.Errorf("get order: %w", err)
 	}
-	return o.utc(), nil
+	return o, nil
 }
 
 // pageKey is a position in a user's orders, newest first.
@@ -419,18 +357,15 @@ var firstPage = pageKey{CreatedAt: time.Date(9999, 12, 31, 0, 0, 0, 0, time.UTC)
 // created meanwhile neither repeat nor vanish.
 func listOrders(ctx context.Context, db dbtx, userID string, after pageKey, limit int) ([]Order, error) {
 	rows, _ := db.Query(ctx, `
-		SELECT id, user_id, amount, description, status, failure_reason, created_at, updated_at
+		SELECT `+orderColumns+`
 		FROM orders
 		WHERE user_id = $1 AND (created_at, id) < ($2, $3)
 		ORDER BY created_at DESC, id DESC
 		LIMIT $4`,
 		userID, after.CreatedAt, after.ID, limit)
-	orders, err := pgx.CollectRows(rows, pgx.RowToStructByName[Order])
+	orders, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (Order, error) { return scanOrder(row) })
 	if err != nil {
 		return nil, fmt.Errorf("list orders: %w", err)
-	}
-	for i := range orders {
-		orders[i] = orders[i].utc()
 	}
 	return orders, nil
 }
@@ -461,15 +396,16 @@ type outboxRow struct {
 //   - The relay's claim must walk the partial index of unpublished rows in id
 //     order and stop after limit rows, however many wait. Where the planner
 //     believes the backlog small (a table never analyzed, or analyzed before
-//     an outage), it prefers to read every unpublished row and sort them:
-//     65 ms for a claim of 500 over a 200,000-row backlog, at every claim of
-//     the drain, against 0.6 ms. No ordered plan but the index scan needs no
+//     an outage), it prefers to read every unpublished row and sort them, at
+//     every claim of the drain. No ordered plan but the index scan needs no
 //     sort. The relay turns off sorts and sequential scans; for
 //     markPublished, see there.
 //   - The consumer's UPDATE of orders by id, cached while orders was small,
-//     was a hash join over a sequential scan of every order: 71 ms a batch at
-//     200,000 orders, where the primary key takes a fraction of a millisecond.
-//     The consumer turns off sequential scans.
+//     becomes a hash join over a sequential scan of every order, where the
+//     primary key reads one row per result. The consumer turns off
+//     sequential scans.
+//
+// docs/design.md has the measurements.
 func queuePlannerOff(b *pgx.Batch, settings ...string) {
 	b.Queue(`SELECT set_config(name, 'off', true) FROM unnest($1::text[]) AS name`, settings)
 }
@@ -513,10 +449,9 @@ func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
 // one TID scan, with no index. The only rival plan is a sequential scan,
 // which the planner prefers for a table it believes a few pages long (never
 // analyzed, as after a deployment): that plan, cached while the table was
-// nearly empty, stayed as it grew, until an autovacuum ANALYZE replaced it,
-// and scanned every row at every batch (8.7 ms for 43 rows under the create
-// benchmark, the largest cost in the database). The relay's transaction
-// therefore plans with sequential scans switched off (queuePlannerOff).
+// nearly empty, would stay as it grew, until an autovacuum ANALYZE replaced
+// it, and scan every row at every batch. The relay's transaction therefore
+// plans with sequential scans switched off (queuePlannerOff).
 func markPublished(ctx context.Context, tx pgx.Tx, rows []pgtype.TID, acked []time.Time) error {
 	now := time.Now()
 	ago := make([]time.Duration, len(acked))
@@ -651,145 +586,4 @@ func getOutboxStats(ctx context.Context, db dbtx) (outboxStats, error) {
 		return s, fmt.Errorf("outbox stats: %w", err)
 	}
 	return s, nil
-}
-
-// Every database error is classified once, here. Transient: the same work may
-// succeed later, so the consumer and the relay retry it and HTTP answers 503
-// with Retry-After. Permanent: the values themselves cannot be stored, so a
-// payment result goes to the DLQ. Anything else is a bug.
-// SQLSTATE classes: https://www.postgresql.org/docs/current/errcodes-appendix.html
-func dbTransient(err error) bool {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "40001", // serialization_failure
-			"40P01", // deadlock_detected
-			"55P03", // lock_not_available
-			"55006", // object_in_use
-			"25006", // read_only_sql_transaction: a standby, or a demoted primary
-			"25P03", // idle_in_transaction_session_timeout
-			"58000", // system_error
-			"58030": // io_error
-			return true
-		}
-		switch pgErr.Code[:2] {
-		case "08", // connection_exception
-			"53", // insufficient_resources: too many connections, disk full, out of memory
-			"57": // operator_intervention: shutdown, cannot connect now, query canceled
-			return true
-		}
-		return false
-	}
-	var netErr net.Error
-	var connectErr *pgconn.ConnectError
-	return errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
-		errors.As(err, &netErr) || errors.As(err, &connectErr) || errors.Is(err, io.EOF) ||
-		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, errReadOnly) ||
-		errors.Is(err, errServerTooOld) || errors.Is(err, errCommitOutcomeUnknown) || errors.Is(err, errNotWritten) ||
-		strings.Contains(err.Error(), "conn closed")
-}
-
-// dbPermanent is an error caused by the values written: class 22 (data
-// exception: bad text, a value out of range) or 23 (integrity constraint).
-func dbPermanent(err error) bool {
-	var pgErr *pgconn.PgError
-	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
-}
-
-// closeReadOnly is the pool's OnPgError: a connection whose server refuses
-// writes (25006) is closed, since that server stays read-only for it; the
-// pool's next connection may reach the new primary (a multi-host
-// DATABASE_URL with target_session_attrs=read-write picks it). FATAL errors
-// close the connection as pgx's default handler does.
-func closeReadOnly(_ *pgconn.PgConn, pgErr *pgconn.PgError) bool {
-	return pgErr.Code != "25006" && !strings.EqualFold(pgErr.Severity, "FATAL")
-}
-
-// connectDB retries for STARTUP_TIMEOUT, so the service may start before its
-// database (as in docker compose), then gives up with the address it tried.
-func connectDB(ctx context.Context, cfg config, log *slog.Logger) (*pgxpool.Pool, error) {
-	pcfg, err := pgxpool.ParseConfig(cfg.DatabaseURL)
-	if err != nil {
-		return nil, fmt.Errorf("DATABASE_URL: %w", err)
-	}
-	if pcfg.ConnConfig.ConnectTimeout == 0 || pcfg.ConnConfig.ConnectTimeout > 3*time.Second {
-		// Requests must fail fast while the database is down, not hang.
-		pcfg.ConnConfig.ConnectTimeout = 3 * time.Second
-	}
-	pcfg.ConnConfig.OnPgError = closeReadOnly
-	if _, ok := pcfg.ConnConfig.RuntimeParams["timezone"]; !ok {
-		// Times the server formats, such as the pay-order event's
-		// created_at (queueInsertOrders), are in UTC like the API's.
-		pcfg.ConnConfig.RuntimeParams["timezone"] = "UTC"
-	}
-	pcfg.AfterConnect = func(ctx context.Context, c *pgx.Conn) error {
-		if err := checkServerVersion(c.PgConn()); err != nil {
-			return err
-		}
-		pid, err := backendPID(ctx, c)
-		if err != nil {
-			return err
-		}
-		c.PgConn().CustomData()[serverPIDKey] = pid
-		return nil
-	}
-	if !strings.Contains(cfg.DatabaseURL, "pool_max_conns") {
-		// pgxpool's default is max(4, CPUs): too few for the order
-		// writers, the relay, the consumer and reads at once.
-		pcfg.MaxConns = 16
-	}
-	where := fmt.Sprintf("%s:%d/%s", pcfg.ConnConfig.Host, pcfg.ConnConfig.Port, pcfg.ConnConfig.Database)
-	db, err := pgxpool.NewWithConfig(ctx, pcfg)
-	if err != nil {
-		return nil, fmt.Errorf("database %s: %w", where, err)
-	}
-	deadline := time.Now().Add(cfg.StartupTimeout)
-	for failures := 1; ; failures++ {
-		pctx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		err = db.Ping(pctx)
-		cancel()
-		if err == nil {
-			log.Info("database connected", "addr", where)
-			return db, nil
-		}
-		cause := oneLine(err)
-		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "28") || pgErr.Code == "3D000") {
-			// A wrong role, password or database name will not fix
-			// itself: say so now rather than after the timeout.
-			db.Close()
-			return nil, fmt.Errorf("database %s refused the connection: %s", where, cause)
-		}
-		if errors.Is(err, errServerTooOld) {
-			db.Close()
-			return nil, fmt.Errorf("database %s: %w", where, err)
-		}
-		if ctx.Err() != nil || time.Now().After(deadline) {
-			db.Close()
-			return nil, fmt.Errorf("database %s unreachable after %s: %s", where, cfg.StartupTimeout, cause)
-		}
-		d := backoff(failures)
-		log.Warn("database not reachable yet, retrying", "addr", where, "err", err, "retry_in", d)
-		sleep(ctx, d)
-	}
-}
-
-// oneLine flattens an error for a one-line exit message: pgx lists every
-// address it tried on lines of their own.
-func oneLine(err error) string {
-	var b strings.Builder
-	for _, line := range strings.Split(err.Error(), "\n") {
-		if line = strings.TrimSpace(line); line == "" {
-			continue
-		}
-		if b.Len() > 0 {
-			if strings.HasSuffix(b.String(), ":") {
-				b.WriteString(" ")
-			} else {
-				b.WriteString("; ")
-			}
-		}
-		b.WriteString(line)
-	}
-	return b.String()
 }

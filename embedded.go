@@ -1,20 +1,17 @@
 package main
 
-// dev.go is what makes `go run .` work with no Kafka installed: an embedded
-// Kafka-protocol broker (kfake) and a stand-in Payment Service. Neither runs
+// embedded.go is what makes `go run .` work with no Kafka installed: an
+// embedded Kafka-protocol broker (kfake) and a stand-in Payment Service. Neither runs
 // when KAFKA_BROKERS points at a real cluster (unless DEMO_PAYMENTS=true).
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"time"
 
-	"github.com/twmb/franz-go/pkg/kadm"
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kfake"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
@@ -35,33 +32,6 @@ func startEmbeddedKafka(addr, dir string) (*kfake.Cluster, error) {
 		return nil, fmt.Errorf("embedded kafka on %s (data %s): %w", addr, dir, err)
 	}
 	return c, nil
-}
-
-// ensureTopics creates the service's topics if they are missing, retrying
-// while the broker is unreachable: the service starts and takes orders during
-// a broker outage, and the outbox holds them until the topics exist.
-func ensureTopics(ctx context.Context, cl *kgo.Client, log *slog.Logger, partitions int32, topics ...string) {
-	adm := kadm.NewClient(cl)
-	for failures := 1; ctx.Err() == nil; failures++ {
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-		resp, err := adm.CreateTopics(cctx, partitions, -1, nil, topics...)
-		cancel()
-		if err == nil {
-			for _, t := range resp.Sorted() {
-				if t.Err != nil && !errors.Is(t.Err, kerr.TopicAlreadyExists) {
-					err = fmt.Errorf("create topic %s: %w", t.Topic, t.Err)
-					break
-				}
-			}
-		}
-		if err == nil {
-			log.InfoContext(ctx, "kafka topics ready", "topics", topics)
-			return
-		}
-		d := backoff(failures)
-		log.WarnContext(ctx, "kafka topics not created yet, retrying", "err", err, "retry_in", d)
-		sleep(ctx, d)
-	}
 }
 
 // demoPayments stands in for the Payment Service: it answers every pay-order
@@ -118,15 +88,12 @@ func demoPayments(ctx context.Context, brokers []string, payOrderTopic, resultsT
 		}
 		// The fetch position has moved past these events: retry the
 		// answers here, or they would be lost until a restart.
-		for failures := 1; ; failures++ {
-			err := cl.ProduceSync(ctx, answers...).FirstErr()
-			if err == nil || ctx.Err() != nil {
-				break
-			}
-			d := backoff(failures)
-			log.WarnContext(ctx, "demo payments: answer failed, retrying", "err", err, "retry_in", d)
-			sleep(ctx, d)
-		}
+		retry(ctx, func(ctx context.Context) error { //nolint:errcheck // only ctx's end stops it
+			return cl.ProduceSync(ctx, answers...).FirstErr()
+		}, func(err error, wait time.Duration) bool {
+			log.WarnContext(ctx, "demo payments: answer failed, retrying", "err", err, "retry_in", wait)
+			return true
+		})
 		if ctx.Err() != nil {
 			return nil
 		}

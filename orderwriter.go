@@ -1,6 +1,6 @@
 package main
 
-// batch.go shares commits between concurrent POST /orders. A commit waits for
+// orderwriter.go writes orders: concurrent POST /orders share a commit. A commit waits for
 // its WAL flush; while one transaction waits, requests that arrive queue up,
 // and the next transaction takes them all. Under light load every batch holds
 // one request and nothing waits for company.
@@ -170,18 +170,15 @@ func (w *orderWriter) settle(u *commitUnknownError, in []newOrder) ([]createResu
 	unknown := func(err error) error {
 		return fmt.Errorf("%w (server process %d: %w): %w", errCommitOutcomeUnknown, u.pid, err, u.err)
 	}
-	for failures := 1; ; failures++ {
+	err := retry(ctx, func(ctx context.Context) error {
 		gone, err := endBackend(ctx, w.db, u.pid, time.Second)
-		if gone {
-			break
-		}
-		if err == nil { // still exiting
+		if !gone && err == nil {
 			err = errors.New("still running")
 		}
-		sleep(ctx, backoff(failures))
-		if ctx.Err() != nil {
-			return nil, unknown(err)
-		}
+		return err
+	}, func(error, time.Duration) bool { return true })
+	if err != nil {
+		return nil, unknown(err)
 	}
 	ids := make([]string, len(in))
 	for i, r := range in {

@@ -1,6 +1,6 @@
 package main
 
-// process.go writes the Go runtime and process metrics that Prometheus users
+// metrics_runtime.go writes the Go runtime and process metrics that Prometheus users
 // expect of any Go service, under the names the Prometheus Go client gives
 // them, read from runtime/metrics (no stop-the-world, unlike ReadMemStats)
 // and /proc/self. Where /proc is missing (not Linux) the process_* series

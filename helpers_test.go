@@ -1,0 +1,656 @@
+package main
+
+// helpers_test.go is what the tests share: the test database and a schema
+// per test, a broker per test, the service started in process or as a child
+// process, HTTP calls, reading and writing topics, and waiting for a
+// condition instead of sleeping.
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kadm"
+	"github.com/twmb/franz-go/pkg/kfake"
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+var (
+	testDBURL string        // the database created for this run
+	testDB    *pgxpool.Pool // for assertions on rows
+)
+
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		childMain() // this binary was re-executed as the service (crash tests)
+		return
+	}
+	os.Exit(withTestDatabase(m))
+}
+
+// withTestDatabase creates a fresh database for the run (TEST_DATABASE_URL,
+// or libpq's defaults: PGHOST, PGUSER, ...) and drops it afterwards.
+func withTestDatabase(m *testing.M) int {
+	ctx := context.Background()
+	base := os.Getenv("TEST_DATABASE_URL")
+	admin, err := pgx.Connect(ctx, withParam(base, "connect_timeout", "5"))
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: no PostgreSQL reachable (%s): start it or set TEST_DATABASE_URL, e.g. postgres://user@localhost:5432/postgres\n", oneLine(err))
+		return 1
+	}
+	name := "order_service_test_" + randomHex(6)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+name); err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: create test database: %v\n", err)
+		return 1
+	}
+	defer func() {
+		// FORCE ends the sessions a test left behind. It refuses, unless
+		// run by a superuser, when an autovacuum worker is in the database
+		// (42501), as after the benchmarks' inserts; a plain DROP stops
+		// autovacuum itself.
+		_, err := admin.Exec(ctx, "DROP DATABASE "+name+" WITH (FORCE)")
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42501" {
+			_, err = admin.Exec(ctx, "DROP DATABASE "+name)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "drop test database %s: %v\n", name, err)
+		}
+		admin.Close(ctx)
+	}()
+	testDBURL = withParam(base, "dbname", name)
+	testDB, err = pgxpool.New(ctx, testDBURL)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "FAIL: connect to test database: %v\n", err)
+		return 1
+	}
+	defer testDB.Close()
+	return m.Run()
+}
+
+// withParam sets a connection parameter in either form of connection string.
+func withParam(conn, key, value string) string {
+	if strings.HasPrefix(conn, "postgres://") || strings.HasPrefix(conn, "postgresql://") {
+		u, err := url.Parse(conn)
+		if err != nil {
+			panic(err)
+		}
+		if key == "dbname" {
+			u.Path = "/" + value
+		} else {
+			q := u.Query()
+			q.Set(key, value)
+			u.RawQuery = q.Encode()
+		}
+		return u.String()
+	}
+	return strings.TrimSpace(conn + " " + key + "=" + value)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// newSchema gives a test its own schema in the run's database, so that tests
+// never see each other's orders or outbox rows.
+func newSchema(t testing.TB) string {
+	t.Helper()
+	return newSchemaURL(createSchema(t))
+}
+
+func newSchemaURL(schema string) string { return withParam(testDBURL, "search_path", schema) }
+
+func createSchema(t testing.TB) string {
+	t.Helper()
+	schema := "t_" + randomHex(6)
+	if _, err := testDB.Exec(context.Background(), "CREATE SCHEMA "+schema); err != nil {
+		t.Fatalf("create schema: %v", err)
+	}
+	return schema
+}
+
+// broker is the Kafka cluster of one test.
+type broker struct {
+	addrs   []string
+	prefix  string // topic and group prefix, unique per test
+	gate    *gate  // nil for an external cluster
+	cluster *kfake.Cluster
+}
+
+func (b *broker) topic(name string) string { return b.prefix + name }
+
+// newBroker starts an in-process kfake cluster behind a gate the test can
+// close, or uses KAFKA_BROKERS with unique topic names. Tests that cut the
+// broker ask for faults=true and always get kfake.
+func newBroker(t testing.TB, faults bool) *broker {
+	t.Helper()
+	prefix := "t" + randomHex(4) + "."
+	if ext := os.Getenv("KAFKA_BROKERS"); ext != "" && !faults {
+		return &broker{addrs: strings.Split(ext, ","), prefix: prefix}
+	}
+	g := &gate{conns: map[net.Conn]bool{}}
+	c, err := kfake.NewCluster(
+		kfake.NumBrokers(1),
+		kfake.ListenFn(func(network, addr string) (net.Listener, error) {
+			ln, err := net.Listen(network, addr)
+			if err != nil {
+				return nil, err
+			}
+			g.Listener = ln
+			return g, nil
+		}),
+		kfake.SeedTopics(3, prefix+topicPayOrder, prefix+topicPaymentResults, prefix+topicPaymentDLQ),
+	)
+	if err != nil {
+		t.Fatalf("kfake: %v", err)
+	}
+	t.Cleanup(c.Close)
+	return &broker{addrs: c.ListenAddrs(), prefix: prefix, gate: g, cluster: c}
+}
+
+// gate is a listener whose connections the test can cut: while closed, every
+// connection is dropped as soon as it is accepted, as if the broker were down.
+type gate struct {
+	net.Listener
+	mu     sync.Mutex
+	closed bool
+	conns  map[net.Conn]bool
+}
+
+func (g *gate) Accept() (net.Conn, error) {
+	for {
+		c, err := g.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		g.mu.Lock()
+		if g.closed {
+			g.mu.Unlock()
+			c.Close()
+			continue
+		}
+		g.conns[c] = true
+		g.mu.Unlock()
+		return c, nil
+	}
+}
+
+func (g *gate) setDown(down bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.closed = down
+	if down {
+		for c := range g.conns {
+			c.Close()
+		}
+		clear(g.conns)
+	}
+}
+
+// service is one running instance of the program.
+type service struct {
+	url    string
+	logs   *logBuffer
+	cancel context.CancelFunc
+	done   chan error
+}
+
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (l *logBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+// listeningRE finds the listen address in text or JSON logs (LOG_FORMAT).
+var listeningRE = regexp.MustCompile(`msg"?[=:]"?http server listening"?[ ,]"?addr"?[=:]"?([^\s"]+)`)
+
+// serviceEnv is the environment of a test instance on this database URL
+// and broker.
+func serviceEnv(dbURL string, b *broker) map[string]string {
+	return map[string]string{
+		"HTTP_ADDR":           "127.0.0.1:0",
+		"DATABASE_URL":        dbURL,
+		"KAFKA_BROKERS":       strings.Join(b.addrs, ","),
+		"KAFKA_TOPIC_PREFIX":  b.prefix,
+		"DEMO_PAYMENTS":       "false",
+		"RELAY_POLL_INTERVAL": "200ms",
+		"STARTUP_TIMEOUT":     "10s",
+		// Kafka's minimum: a SIGKILLed member's partitions move on in
+		// seconds, not the default 45.
+		"KAFKA_SESSION_TIMEOUT": "6s",
+	}
+}
+
+// startService runs the program with env and waits until /healthz answers.
+// It is stopped (and must stop cleanly) when the test ends.
+func startService(t testing.TB, env map[string]string) *service {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &service{logs: &logBuffer{}, cancel: cancel, done: make(chan error, 1)}
+	go func() { s.done <- run(ctx, func(k string) string { return env[k] }, s.logs) }()
+	t.Cleanup(func() {
+		if err := s.stop(t); err != nil {
+			t.Errorf("service stopped with error: %v", err)
+		}
+		if t.Failed() {
+			t.Logf("service logs:\n%s", s.logs)
+		}
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for s.url == "" {
+		if m := listeningRE.FindStringSubmatch(s.logs.String()); m != nil {
+			s.url = "http://" + m[1]
+			break
+		}
+		select {
+		case err := <-s.done:
+			s.done <- err
+			t.Fatalf("service exited during start: %v\n%s", err, s.logs)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("service did not start listening:\n%s", s.logs)
+		}
+	}
+	waitFor(t, 10*time.Second, "service /healthz", func() bool {
+		resp, err := http.Get(s.url + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+	return s
+}
+
+// stop cancels the service and waits for run to return; it is idempotent.
+func (s *service) stop(t testing.TB) error {
+	s.cancel()
+	select {
+	case err := <-s.done:
+		s.done <- err
+		return err
+	case <-time.After(20 * time.Second):
+		t.Fatalf("service did not stop within 20s:\n%s", s.logs)
+		return nil
+	}
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+type response struct {
+	status int
+	header http.Header
+	body   []byte
+}
+
+func (r response) json(t testing.TB, v any) {
+	t.Helper()
+	if err := json.Unmarshal(r.body, v); err != nil {
+		t.Fatalf("decode %s: %v", r.body, err)
+	}
+}
+
+func (r response) order(t testing.TB) Order {
+	t.Helper()
+	var o Order
+	r.json(t, &o)
+	return o
+}
+
+// do sends one request; headers alternate name, value.
+func do(t testing.TB, method, url, body string, headers ...string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Add(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatalf("read %s %s: %v", method, url, err)
+	}
+	return response{status: resp.StatusCode, header: resp.Header, body: b}
+}
+
+func (s *service) createOrder(t testing.TB, user string, amount int64) Order {
+	t.Helper()
+	r := do(t, "POST", s.url+"/orders", fmt.Sprintf(`{"amount": %d}`, amount), "X-User-Id", user)
+	if r.status != http.StatusCreated {
+		t.Fatalf("POST /orders: %d %s", r.status, r.body)
+	}
+	return r.order(t)
+}
+
+func (s *service) getOrder(t testing.TB, user, id string) Order {
+	t.Helper()
+	r := do(t, "GET", s.url+"/orders/"+id, "", "X-User-Id", user)
+	if r.status != http.StatusOK {
+		t.Fatalf("GET /orders/%s: %d %s", id, r.status, r.body)
+	}
+	return r.order(t)
+}
+
+// payOrderRecord is a pay-order record as the tests read it back.
+type payOrderRecord struct {
+	EventID   string    `json:"event_id"`
+	OrderID   string    `json:"order_id"`
+	UserID    string    `json:"user_id"`
+	Amount    int64     `json:"amount"`
+	CreatedAt time.Time `json:"created_at"`
+	key       string
+	header    string // event-id header
+}
+
+// readTopic consumes topic from the start until done says so or the timeout
+// passes, and returns every record seen.
+func readTopic(t testing.TB, b *broker, topic string, timeout time.Duration, done func([]*kgo.Record) bool) []*kgo.Record {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.ConsumeTopics(topic),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(100*time.Millisecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var recs []*kgo.Record
+	for !done(recs) {
+		fetches := cl.PollFetches(ctx)
+		if ctx.Err() != nil {
+			t.Fatalf("timed out after %s reading %s; got %d records", timeout, topic, len(recs))
+		}
+		recs = append(recs, fetches.Records()...)
+	}
+	return recs
+}
+
+// readPayOrders waits until every order id in want has a pay-order record.
+func readPayOrders(t testing.TB, b *broker, want []string, timeout time.Duration) []payOrderRecord {
+	t.Helper()
+	wantSet := map[string]bool{}
+	for _, id := range want {
+		wantSet[id] = true
+	}
+	var out []payOrderRecord
+	readTopic(t, b, b.topic(topicPayOrder), timeout, func(recs []*kgo.Record) bool {
+		out = out[:0]
+		seen := map[string]bool{}
+		for _, r := range recs {
+			var p payOrderRecord
+			if err := json.Unmarshal(r.Value, &p); err != nil {
+				t.Fatalf("pay-order value %s: %v", r.Value, err)
+			}
+			p.key = string(r.Key)
+			for _, h := range r.Headers {
+				if h.Key == "event-id" {
+					p.header = string(h.Value)
+				}
+			}
+			if wantSet[p.OrderID] {
+				out = append(out, p)
+				seen[p.OrderID] = true
+			}
+		}
+		return len(seen) == len(wantSet)
+	})
+	return out
+}
+
+func produce(t testing.TB, b *broker, topic, key string, values ...string) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	var recs []*kgo.Record
+	for _, v := range values {
+		recs = append(recs, &kgo.Record{Topic: topic, Key: []byte(key), Value: []byte(v)})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
+		t.Fatalf("produce to %s: %v", topic, err)
+	}
+}
+
+// count runs a count query on the test database.
+func count(t testing.TB, dbURL, query string, args ...any) int {
+	t.Helper()
+	db := schemaPool(t, dbURL)
+	var n int
+	if err := db.QueryRow(context.Background(), query, args...).Scan(&n); err != nil {
+		t.Fatalf("%s: %v", query, err)
+	}
+	return n
+}
+
+var (
+	poolsMu sync.Mutex
+	pools   = map[string]*pgxpool.Pool{}
+)
+
+// schemaPool is a pool on one test's schema, shared by its assertions.
+func schemaPool(t testing.TB, dbURL string) *pgxpool.Pool {
+	t.Helper()
+	poolsMu.Lock()
+	defer poolsMu.Unlock()
+	if p := pools[dbURL]; p != nil {
+		return p
+	}
+	p, err := pgxpool.New(context.Background(), dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pools[dbURL] = p
+	t.Cleanup(func() {
+		poolsMu.Lock()
+		delete(pools, dbURL)
+		poolsMu.Unlock()
+		p.Close()
+	})
+	return p
+}
+
+func newUser() string { return "user-" + randomHex(4) }
+
+// waitCommitted waits until the service's group has committed every record of
+// payment-results: each one was applied (or dead-lettered) and acknowledged.
+func waitCommitted(t testing.TB, b *broker) {
+	t.Helper()
+	adm, closeAdm := adminClient(t, b)
+	defer closeAdm()
+	topic := b.topic(topicPaymentResults)
+	waitFor(t, 15*time.Second, "consumer offsets committed to the end of "+topic, func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		ends, err := adm.ListEndOffsets(ctx, topic)
+		if err != nil {
+			return false
+		}
+		committed, err := adm.FetchOffsets(ctx, b.topic(consumerGroup))
+		if err != nil {
+			return false
+		}
+		ok := true
+		ends.Each(func(o kadm.ListedOffset) {
+			c, found := committed.Lookup(o.Topic, o.Partition)
+			if o.Offset > 0 && (!found || c.At < o.Offset) {
+				ok = false
+			}
+		})
+		return ok
+	})
+}
+
+// headerMap is a record's headers by key.
+func headerMap(r *kgo.Record) map[string]string {
+	h := map[string]string{}
+	for _, kv := range r.Headers {
+		h[kv.Key] = string(kv.Value)
+	}
+	return h
+}
+
+// readTopicNow returns every record currently in topic.
+func readTopicNow(t testing.TB, b *broker, topic string) []*kgo.Record {
+	t.Helper()
+	total := endOffsets(t, b, topic)
+	return readTopic(t, b, topic, 10*time.Second, func(recs []*kgo.Record) bool { return int64(len(recs)) >= total })
+}
+
+// endOffsets sums the end offsets of topic's partitions: how many records
+// it holds.
+func endOffsets(t testing.TB, b *broker, topic string) int64 {
+	t.Helper()
+	adm, closeAdm := adminClient(t, b)
+	defer closeAdm()
+	return countRecords(t, adm, topic)
+}
+
+// adminClient is a Kafka admin client on b, closed by the returned func.
+func adminClient(t testing.TB, b *broker) (*kadm.Client, func()) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kadm.NewClient(cl), cl.Close
+}
+
+// countRecords is endOffsets on a client of the caller's.
+func countRecords(t testing.TB, adm *kadm.Client, topic string) int64 {
+	t.Helper()
+	ends, err := adm.ListEndOffsets(context.Background(), topic)
+	if err == nil {
+		err = ends.Error()
+	}
+	if err != nil {
+		t.Fatalf("end offsets of %s: %v", topic, err)
+	}
+	var sum int64
+	ends.Each(func(o kadm.ListedOffset) { sum += o.Offset })
+	return sum
+}
+
+// stream opens GET /orders/{id}/events and delivers its events until the
+// server ends the stream (the channel closes) or the test ends.
+func stream(t testing.TB, baseURL, user, id string) (*http.Response, <-chan sseEvent) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	t.Cleanup(cancel)
+	req, _ := http.NewRequestWithContext(ctx, "GET", baseURL+"/orders/"+id+"/events", nil)
+	req.Header.Set("X-User-Id", user)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	events := make(chan sseEvent, 16)
+	go func() {
+		defer close(events)
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		var ev sseEvent
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case line == "":
+				if ev.name != "" || ev.data != "" {
+					events <- ev
+				}
+				ev = sseEvent{}
+			case strings.HasPrefix(line, "event: "):
+				ev.name = strings.TrimPrefix(line, "event: ")
+			case strings.HasPrefix(line, "data: "):
+				ev.data = strings.TrimPrefix(line, "data: ")
+			}
+		}
+	}()
+	return resp, events
+}
+
+func nextEvent(t testing.TB, events <-chan sseEvent, timeout time.Duration) (Order, bool) {
+	t.Helper()
+	select {
+	case ev, ok := <-events:
+		if !ok {
+			return Order{}, false
+		}
+		var o Order
+		if ev.name != "status" || json.Unmarshal([]byte(ev.data), &o) != nil {
+			t.Fatalf("unexpected event %+v", ev)
+		}
+		return o, true
+	case <-time.After(timeout):
+		t.Fatalf("no event within %s", timeout)
+		return Order{}, false
+	}
+}
+
+// writeBatch sends requests through one orderWriter transaction.
+func writeBatch(t testing.TB, w *orderWriter, ins ...newOrder) []createResult {
+	t.Helper()
+	var batch []*createRequest
+	for _, in := range ins {
+		batch = append(batch, &createRequest{ctx: context.Background(), in: in, done: make(chan createResult, 1)})
+	}
+	w.write(batch)
+	out := make([]createResult, len(ins))
+	for _, r := range batch {
+		for i, in := range ins {
+			if in.ID == r.in.ID {
+				out[i] = <-r.done
+			}
+		}
+	}
+	return out
+}
