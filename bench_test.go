@@ -16,6 +16,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -462,5 +463,84 @@ func BenchmarkResultsApplied(b *testing.B) {
 			return count(b, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID'`) == n
 		})
 		b.ReportMetric(float64(n-1)/time.Since(start).Seconds(), "results/s")
+	}
+}
+
+// BenchmarkStreamFlood: POST /orders latency with the event streams at their
+// cap and twice as many clients that never read knocking, against the same
+// service unloaded, in alternating turns. The service runs with a container's
+// RLIMIT_NOFILE (1024); wrk posts from 4 connections.
+func BenchmarkStreamFlood(b *testing.B) {
+	d := benchDuration(b)
+	for range b.N {
+		br := newBroker(b, true)
+		c, _ := benchService(b, br, map[string]string{"STREAMS_PER_USER": "10000", rlimitEnv: "1024"})
+		cap := int(metric(b, c.url, "http_streams_max"))
+		r := do(b, "POST", c.url+"/orders", `{"amount": 5}`, "X-User-Id", "bench")
+		id := r.order(b).ID
+		addr := strings.TrimPrefix(c.url, "http://")
+		req := "GET /orders/" + id + "/events HTTP/1.1\r\nHost: x\r\nX-User-Id: bench\r\n\r\n"
+		var idle, loaded time.Duration
+		var flood []net.Conn
+		for turn := range 2 * benchTurns {
+			if turn%2 == 0 {
+				_, p99 := load(b, c.url, 4, max(time.Second, d/(2*benchTurns)))
+				idle = max(idle, p99)
+				continue
+			}
+			for len(flood) < 3*cap { // the cap, then twice as many refused
+				conn, err := net.Dial("tcp", addr)
+				if err != nil {
+					b.Fatal(err)
+				}
+				io.WriteString(conn, req) // and never read
+				flood = append(flood, conn)
+			}
+			waitFor(b, 20*time.Second, "the streams at their cap", func() bool {
+				return metric(b, c.url, "http_streams_open") == float64(cap)
+			})
+			_, p99 := load(b, c.url, 4, max(time.Second, d/(2*benchTurns)))
+			loaded = max(loaded, p99)
+			if r := do(b, "GET", c.url+"/healthz", ""); r.status != http.StatusOK {
+				b.Fatalf("/healthz with the streams at their cap: %d", r.status)
+			}
+			for _, conn := range flood {
+				conn.Close()
+			}
+			flood = flood[:0]
+			waitFor(b, 20*time.Second, "the streams closed", func() bool { return metric(b, c.url, "http_streams_open") == 0 })
+		}
+		b.ReportMetric(float64(cap), "streams_max")
+		b.ReportMetric(metric(b, c.url, `http_streams_refused_total{cap="all"}`), "refused")
+		b.ReportMetric(float64(idle.Microseconds())/1000, "p99_idle_ms")
+		b.ReportMetric(float64(loaded.Microseconds())/1000, "p99_flood_ms")
+		b.ReportMetric(float64(loaded)/float64(idle), "ratio")
+		b.ReportMetric(peakRSS(b, c), "peak_rss_MiB")
+	}
+}
+
+// BenchmarkNotifierSignal: what one status change costs with 10 000 streams
+// open on other orders, against the same with one stream.
+func BenchmarkNotifierSignal(b *testing.B) {
+	perSignal := func(streams int) time.Duration {
+		n := newNotifier(nil, nil, statusChannel)
+		ids := make([]string, streams)
+		for i := range ids {
+			ids[i] = newUUID()
+			_, cancel := n.subscribe(statusChannel, ids[i])
+			defer cancel()
+		}
+		const signals = 100_000
+		start := time.Now()
+		for i := range signals {
+			n.signal(statusChannel, ids[i%len(ids)])
+		}
+		return time.Since(start) / signals
+	}
+	for range b.N {
+		one, many := perSignal(1), perSignal(10_000)
+		b.ReportMetric(float64(one.Nanoseconds()), "ns/signal_1_stream")
+		b.ReportMetric(float64(many.Nanoseconds()), "ns/signal_10000_streams")
+		b.ReportMetric(float64(many)/float64(one), "ratio")
 	}
 }

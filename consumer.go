@@ -24,12 +24,16 @@ import (
 )
 
 // paymentResult is a payment-results value. Unknown fields are accepted: the
-// Payment Service may add some without breaking us.
+// Payment Service may add some without breaking us. Known ones must be spelled
+// exactly, once each (checkKeys).
 type paymentResult struct {
 	OrderID string  `json:"order_id"`
 	Status  string  `json:"status"`
 	Reason  *string `json:"reason"`
 }
+
+// paymentResultFields are paymentResult's fields, exactly as they are spelled.
+var paymentResultFields = []string{"order_id", "status", "reason"}
 
 // errPoison marks a record that no retry can apply.
 var errPoison = errors.New("poison record")
@@ -61,6 +65,11 @@ func decodePaymentResult(b []byte) (paymentResult, error) {
 	var p paymentResult
 	if err := json.Unmarshal(b, &p); err != nil {
 		return p, fmt.Errorf("%w: malformed JSON: %s", errPoison, clip(err.Error(), 200))
+	}
+	// A duplicate or a wrongly cased key would make us read another value
+	// than a validator of the contract reads: the sender's fault.
+	if err := checkKeys(b, paymentResultFields, true); err != nil {
+		return p, fmt.Errorf("%w: %w", errPoison, err)
 	}
 	p.OrderID = strings.ToLower(p.OrderID)
 	if !isUUID(p.OrderID) {

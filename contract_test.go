@@ -53,7 +53,7 @@ func TestOpenAPIDocumentsEveryRouteAndNoOther(t *testing.T) {
 		}
 	}
 	rec := &routeRecorder{}
-	addRoutes(rec, nil, nil, nil, nil, nil, newMetrics(), nil)
+	addRoutes(rec, nil, nil, nil, nil, nil, nil, newMetrics(), nil)
 	slices.Sort(documented)
 	slices.Sort(rec.patterns)
 	for _, p := range rec.patterns {
@@ -328,7 +328,7 @@ func TestDockerfileBuildsAStaticNonRootImage(t *testing.T) {
 		t.Fatal(err)
 	}
 	var froms []string
-	var user, expose, health string
+	var user, expose, health, addr string
 	sc := bufio.NewScanner(strings.NewReader(string(raw)))
 	for sc.Scan() {
 		f := strings.Fields(sc.Text())
@@ -344,6 +344,10 @@ func TestDockerfileBuildsAStaticNonRootImage(t *testing.T) {
 			expose = f[1]
 		case "HEALTHCHECK":
 			health = sc.Text()
+		case "ENV":
+			if v, ok := strings.CutPrefix(f[1], "HTTP_ADDR="); ok {
+				addr = v
+			}
 		}
 	}
 	if len(froms) < 2 {
@@ -368,6 +372,10 @@ func TestDockerfileBuildsAStaticNonRootImage(t *testing.T) {
 	}
 	if expose != "8081" || !strings.Contains(health, "-healthcheck") {
 		t.Errorf("EXPOSE %q, HEALTHCHECK %q", expose, health)
+	}
+	// The default address is loopback: the image must set every interface.
+	if addr != ":"+expose {
+		t.Errorf("ENV HTTP_ADDR=%q: want %q, every interface on the exposed port", addr, ":"+expose)
 	}
 	ignore, _ := os.ReadFile(".dockerignore")
 	for _, embedded := range []string{"schema.sql", "openapi.yaml", "asyncapi.yaml"} {

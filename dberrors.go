@@ -32,6 +32,13 @@ var errServerTooOld = errors.New("PostgreSQL 14 or newer is needed")
 // payment result goes to the DLQ. Anything else is a bug.
 // SQLSTATE classes: https://www.postgresql.org/docs/current/errcodes-appendix.html
 func dbTransient(err error) bool {
+	var connectErr *pgconn.ConnectError
+	if errors.As(err, &connectErr) {
+		// Whatever the server said (too many clients, the database not
+		// accepting connections now: 55000, shutting down), a connection
+		// it refuses is its weather.
+		return true
+	}
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		switch pgErr.Code {
@@ -54,12 +61,10 @@ func dbTransient(err error) bool {
 		return false
 	}
 	var netErr net.Error
-	var connectErr *pgconn.ConnectError
 	return errors.Is(err, context.DeadlineExceeded) || pgconn.Timeout(err) || pgconn.SafeToRetry(err) ||
-		errors.As(err, &netErr) || errors.As(err, &connectErr) || errors.Is(err, io.EOF) ||
-		errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, net.ErrClosed) || errors.Is(err, errReadOnly) ||
-		errors.Is(err, errServerTooOld) || errors.Is(err, errCommitOutcomeUnknown) || errors.Is(err, errNotWritten) ||
-		strings.Contains(err.Error(), "conn closed")
+		errors.As(err, &netErr) || errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, net.ErrClosed) || errors.Is(err, pgconn.ErrConnClosed) || errors.Is(err, errReadOnly) ||
+		errors.Is(err, errServerTooOld) || errors.Is(err, errCommitOutcomeUnknown) || errors.Is(err, errNotWritten)
 }
 
 // dbPermanent is an error caused by the values written: class 22 (data

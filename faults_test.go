@@ -705,6 +705,7 @@ type tcpProxy struct {
 	target func() (net.Conn, error)
 	mu     sync.Mutex
 	down   bool
+	hung   bool
 	conns  map[net.Conn]bool
 }
 
@@ -773,9 +774,42 @@ func (p *tcpProxy) pipe(c net.Conn) {
 	if !ok {
 		return
 	}
-	go func() { io.Copy(up, c); up.Close() }()
-	io.Copy(c, up)
+	go func() { p.copy(up, c); up.Close() }()
+	p.copy(c, up)
 	c.Close()
+}
+
+// copy forwards src to dst, holding what it reads while the proxy hangs.
+func (p *tcpProxy) copy(dst io.Writer, src io.Reader) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		for p.hanging() {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func (p *tcpProxy) hanging() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.hung
+}
+
+// hang makes the database answer nothing, on the connections open (they stay
+// open) and on new ones, until hang(false): a server stuck, not gone.
+func (p *tcpProxy) hang(hung bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.hung, p.down = hung, hung
 }
 
 // set cuts (down) or restores the database; both drop every connection.

@@ -32,6 +32,8 @@ func FuzzDecodeOrderInput(f *testing.F) {
 		`{"amount": 1, "amount": 2}`, `{"amount": 1, "description": null}`,
 		`{"amount": 1500.0}`, `{"amount": 1.5e3}`, `{"amount": 15e-1}`, `{"amount": 1e999999999}`,
 		`{"amount": 9.223372036854775807e18}`, `{"amount": 9.223372036854775808e18}`, `{"amount": -0.0}`,
+		`{"Amount": 1}`, `{"amount": 1, "deſcription": "x"}`, `{"amount": 1, "description": "\ud800"}`,
+		`{"amount": 1, "description": "\ud83d\ude00 \\ud800"}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -76,6 +78,9 @@ var paymentResultSeeds = []string{
 	"{\"order_id\": \"ORDER\", \"status\": \"FAILED\", \"reason\": \"bad \xff\xfe utf-8\"}",
 	`{"order_id": "ORDER", "status": "FAILED", "reason": "` + strings.Repeat("long ", 2000) + `"}`,
 	`{"order_id": "ORDER", "status": "FAILED", "status": "PAID"}`,
+	`{"order_id": "ORDER", "STATUS": "PAID"}`,
+	`{"order_id": "ORDER", "status": "PAID", "extra": {"a": 1, "a": 2}}`,
+	`{"order_id": "ORDER", "status": "FAILED", "reason": "\ud800"}`,
 	`{"order_id": "ORDER", "status": "PAID", "reason": 42}`,
 	`{"order_id": 42, "status": "PAID"}`,
 	`{"order_id": "ORDER", "status": "paid"}`,

@@ -67,9 +67,10 @@ func TestHostilePaymentResultsNeverStopTheConsumer(t *testing.T) {
 		// Values that only need cleaning are applied (see decodePaymentResult).
 		result(`{"order_id": "` + o[0].ID + `", "status": "FAILED", "reason": "card\u0000declined"}`),
 		result(`{"order_id": "` + o[1].ID + "\", \"status\": \"FAILED\", \"reason\": \"bad \xff\xfe bytes \\u0001\\u001b ctl\"}"),
-		result(`{"order_id": "` + o[2].ID + `", "status": "FAILED", "status": "PAID"}`), // duplicate key: the last wins
 		result(`{"order_id": "` + o[3].ID + `", "status": "FAILED", "reason": "` + hugeReason + `"}`),
 		// Poison.
+		result(`{"order_id": "` + o[2].ID + `", "status": "FAILED", "status": "PAID"}`),  // which one did the sender mean?
+		result(`{"order_id": "` + o[2].ID + `", "STATUS": "PAID"}`),                      // encoding/json would read it as status
 		result(`{"order_id": "` + strings.Repeat("x", 600_000) + `", "status": "PAID"}`), // its error would quote 600 KB
 		result(strings.Repeat("[", 20_000) + strings.Repeat("]", 20_000)),                // nested 20 000 deep
 		result(`{"order_id": 42, "status": "PAID"}`),                                     // a number where a string belongs
@@ -78,7 +79,7 @@ func TestHostilePaymentResultsNeverStopTheConsumer(t *testing.T) {
 		// The valid result behind them all.
 		result(`{"order_id": "` + o[5].ID + `", "status": "PAID"}`),
 	}
-	const poison = 5
+	const firstPoison, poison = 3, 7
 	produceRecords(t, b, recs...)
 
 	waitFor(t, 20*time.Second, "the valid result behind the poison applied", func() bool {
@@ -101,8 +102,8 @@ func TestHostilePaymentResultsNeverStopTheConsumer(t *testing.T) {
 	if got[1].Status != "FAILED" || reason(got[1]) != "bad \uFFFD\uFFFD bytes \x01\x1b ctl" {
 		t.Errorf("invalid UTF-8 and control characters: %s %q", got[1].Status, reason(got[1]))
 	}
-	if got[2].Status != "PAID" {
-		t.Errorf("duplicate keys: %s, want PAID (the last one)", got[2].Status)
+	if got[2].Status != "PENDING" {
+		t.Errorf("duplicate key, wrongly cased key: %s, want PENDING (both dead-lettered)", got[2].Status)
 	}
 	if r := reason(got[3]); got[3].Status != "FAILED" || utf8.RuneCountInString(r) != maxReason || r != hugeReason[:2*maxReason] {
 		t.Errorf("600 KB reason: %s, %d characters stored, want FAILED and the first %d", got[3].Status, utf8.RuneCountInString(r), maxReason)
@@ -117,7 +118,7 @@ func TestHostilePaymentResultsNeverStopTheConsumer(t *testing.T) {
 	}
 	for i, r := range dlq {
 		h := headerMap(r)
-		orig := recs[4+i]
+		orig := recs[firstPoison+i]
 		if h["original-offset"] != fmt.Sprint(orig.Offset) || h["error"] == "" || len(h["error"]) > maxErrorHeader+len("…") {
 			t.Errorf("DLQ record %d: original-offset %s (want %d), error header of %d bytes", i, h["original-offset"], orig.Offset, len(h["error"]))
 		}
@@ -126,7 +127,7 @@ func TestHostilePaymentResultsNeverStopTheConsumer(t *testing.T) {
 		}
 	}
 	last := dlq[poison-1]
-	if h := headerMap(last); h["truncated"] == "" || !bytes.Equal(last.Value, recs[8].Value[:truncatedBytes]) {
+	if h := headerMap(last); h["truncated"] == "" || !bytes.Equal(last.Value, recs[firstPoison+poison-1].Value[:truncatedBytes]) {
 		t.Errorf("oversized DLQ copy: %d bytes, headers %v; want its first %d bytes and a truncated header", len(last.Value), h, truncatedBytes)
 	}
 	if n := metric(t, s.url, `payment_results_dlq_total{reason="invalid"}`) + metric(t, s.url, `payment_results_dlq_total{reason="unknown_order"}`) +
@@ -331,7 +332,8 @@ func TestReadOnlyDatabaseAnswers503AndRecovers(t *testing.T) {
 	demote()
 	waitFor(t, 10*time.Second, "/readyz 503 read-only", func() bool {
 		r := do(t, "GET", s.url+"/readyz", "")
-		return r.status == http.StatusServiceUnavailable && strings.Contains(string(r.body), "read-only")
+		return r.status == http.StatusServiceUnavailable && strings.Contains(string(r.body), `"database":"unavailable"`) &&
+			strings.Contains(s.logs.String(), "the database is read-only")
 	})
 	setReadOnly(false)
 	waitFor(t, 10*time.Second, "/readyz 200 again", func() bool { return do(t, "GET", s.url+"/readyz", "").status == http.StatusOK })

@@ -17,10 +17,13 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"mime"
+	"net"
 	"net/http"
 	_ "net/http/pprof" // served only on PPROF_ADDR (servePprof)
 	"net/url"
 	"os"
+	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -43,16 +46,16 @@ var (
 // newServer builds the HTTP server: every route, then the middleware, behind
 // the limits a public listener needs.
 func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
-	m *metrics) *http.Server {
+	streams *streamLimits, m *metrics) *http.Server {
 	// Shutdown waits for requests in flight, but an event stream of a
 	// PENDING order could outlast it: streams end when shutdown begins.
 	stopStreams := make(chan struct{})
 	mux := http.NewServeMux()
-	addRoutes(mux, log, db, kafka, notes, orders, m, stopStreams)
+	addRoutes(mux, log, db, kafka, notes, orders, streams, m, stopStreams)
 	srv := &http.Server{
 		// traceRequests first: the request it hands on is the one the mux
 		// stamps with its route pattern, which instrument reads.
-		Handler:           traceRequests(m.instrument(recoverPanics(log, routeProblems(mux)))),
+		Handler:           traceRequests(m.instrument(recoverPanics(log, guardRequests(mux)))),
 		ReadHeaderTimeout: 5 * time.Second, // slow-loris clients
 		ReadTimeout:       15 * time.Second,
 		WriteTimeout:      30 * time.Second,
@@ -77,15 +80,42 @@ func servePprof(addr string, log *slog.Logger) (closeFn func()) {
 	return func() { srv.Close() }
 }
 
-// routeProblems answers the mux's own 404 (no route) and 405 (wrong method,
-// with its Allow header) as problem+json, like every other error.
-func routeProblems(mux *http.ServeMux) http.Handler {
+// guardRequests holds every request to the contract before the mux sees it.
+// A path that is not in its canonical form ("//orders", "/orders/../healthz")
+// is 404: the mux would answer it with a redirect to the cleaned path, in
+// HTML, which a client following it would obey with its method and body. A
+// chunked request body closes the connection after its answer: Go's server
+// drops a Content-Length sent along with it before any handler sees it, and
+// RFC 9112 section 6.3 asks a server to close a connection whose framing was
+// that ambiguous. The mux's own 404 (no route) and 405 (wrong method, with
+// its Allow header) are answered as problem+json, like every other error.
+func guardRequests(mux *http.ServeMux) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if len(r.TransferEncoding) > 0 {
+			w.Header().Set("Connection", "close")
+		}
+		if p := r.URL.Path; p != "*" && !canonicalPath(p) {
+			writeProblem(w, http.StatusNotFound, fmt.Sprintf("no route for %s %s: paths are served only in their canonical form",
+				r.Method, clip(p, 256)))
+			return
+		}
 		if _, pattern := mux.Handler(r); pattern == "" {
 			w = &problemWriter{ResponseWriter: w, r: r}
 		}
 		mux.ServeHTTP(w, r)
 	})
+}
+
+// canonicalPath: absolute, with no empty, "." or ".." segment.
+func canonicalPath(p string) bool {
+	if !strings.HasPrefix(p, "/") {
+		return false
+	}
+	clean := path.Clean(p)
+	if strings.HasSuffix(p, "/") && clean != "/" {
+		clean += "/"
+	}
+	return clean == p
 }
 
 // problemWriter replaces the mux's text/plain error body with a problem.
@@ -124,13 +154,13 @@ type router interface {
 
 // addRoutes is the whole API surface in one place.
 func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
-	m *metrics, stopStreams <-chan struct{}) {
+	streams *streamLimits, m *metrics, stopStreams <-chan struct{}) {
 	mux.Handle("POST /orders", handleCreateOrder(log, orders, m))
 	mux.Handle("GET /orders", handleListOrders(log, db))
 	mux.Handle("GET /orders/{id}", handleGetOrder(log, db))
-	mux.Handle("GET /orders/{id}/events", handleOrderEvents(log, db, notes, stopStreams))
+	mux.Handle("GET /orders/{id}/events", handleOrderEvents(log, db, notes, streams, stopStreams))
 	mux.Handle("GET /healthz", handleHealthz())
-	mux.Handle("GET /readyz", handleReadyz(db, kafka))
+	mux.Handle("GET /readyz", handleReadyz(log, db, kafka))
 	mux.Handle("GET /metrics", handleMetrics(m, func(ctx context.Context) (outboxStats, error) {
 		return getOutboxStats(ctx, db)
 	}))
@@ -140,18 +170,22 @@ func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client
 
 const (
 	maxBodyBytes     = 1 << 20
+	bodyReadTimeout  = 5 * time.Second
 	maxDescription   = 1000
 	maxUserID        = 128
 	maxIdempotency   = 255
 	defaultPageSize  = 50
 	maxPageSize      = 500
-	requestDBTimeout = 3 * time.Second
+	requestDBTimeout = 2500 * time.Millisecond // with settleTimeout, within 5s
 )
 
 type createOrderRequest struct {
 	Amount      json.RawMessage `json:"amount"` // read by orderAmount
 	Description *string         `json:"description"`
 }
+
+// orderFields are createOrderRequest's fields, exactly as they are spelled.
+var orderFields = []string{"amount", "description"}
 
 func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -168,8 +202,19 @@ func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.H
 			}
 			idemKey = &k
 		}
+		if !acceptedBodyType(r.Header.Get("Content-Type")) {
+			w.Header().Set("Accept", "application/json")
+			writeProblem(w, http.StatusUnsupportedMediaType, "the request body must be application/json")
+			return
+		}
+		// A body shorter than its Content-Length would hold the request
+		// until the server's ReadTimeout; it gets its own, shorter one.
+		_ = http.NewResponseController(w).SetReadDeadline(time.Now().Add(bodyReadTimeout))
 		req, p := decodeOrderInput(http.MaxBytesReader(w, r.Body, maxBodyBytes))
 		if p != nil {
+			if p.Status == http.StatusRequestTimeout {
+				w.Header().Set("Connection", "close") // the rest of the body may still come
+			}
 			writeProblem(w, p.Status, p.Detail)
 			return
 		}
@@ -283,80 +328,6 @@ func handleGetOrder(log *slog.Logger, db *pgxpool.Pool) http.Handler {
 	})
 }
 
-// handleOrderEvents streams an order's status as Server-Sent Events: the
-// current state at once, then each change, ending after PAID or FAILED. The
-// change may be applied by any replica: it arrives through the NOTIFY that
-// applyPaymentResults sends.
-func handleOrderEvents(log *slog.Logger, db *pgxpool.Pool, notes *notifier, stop <-chan struct{}) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		userID, id, ok := requireUserAndOrderID(w, r)
-		if !ok {
-			return
-		}
-		// Subscribe before the first read, so that a change committed in
-		// between still wakes us.
-		changed, unsubscribe := notes.subscribe(statusChannel, id)
-		defer unsubscribe()
-		read := func() (Order, error) {
-			ctx, cancel := context.WithTimeout(r.Context(), requestDBTimeout)
-			defer cancel()
-			return getOrder(ctx, db, userID, id)
-		}
-		order, err := read()
-		switch {
-		case errors.Is(err, errNotFound):
-			writeProblem(w, http.StatusNotFound, "no order "+id)
-			return
-		case err != nil:
-			writeDBError(w, r, log, err)
-			return
-		}
-
-		rc := http.NewResponseController(w)
-		_ = rc.SetWriteDeadline(time.Time{}) // the stream outlives the server's WriteTimeout
-		w.Header().Set("Content-Type", "text/event-stream")
-		w.Header().Set("Cache-Control", "no-cache")
-		w.Header().Set("X-Accel-Buffering", "no") // proxies must not buffer the stream
-		w.WriteHeader(http.StatusOK)
-		keepAlive := time.NewTicker(15 * time.Second)
-		defer keepAlive.Stop()
-		sent := ""
-		for {
-			if order.Status != sent {
-				b, _ := json.Marshal(order)
-				if _, err := fmt.Fprintf(w, "event: status\ndata: %s\n\n", b); err != nil || rc.Flush() != nil {
-					return
-				}
-				sent = order.Status
-			}
-			if order.Status != "PENDING" {
-				return
-			}
-			select {
-			case <-r.Context().Done():
-				return
-			case <-stop:
-				return
-			case <-keepAlive.C:
-				// A comment line: keeps proxies from timing the stream
-				// out and finds clients that are gone.
-				if _, err := fmt.Fprint(w, ": keep-alive\n\n"); err != nil || rc.Flush() != nil {
-					return
-				}
-				continue
-			case <-changed:
-			}
-			if order, err = read(); err != nil {
-				if r.Context().Err() == nil {
-					log.WarnContext(r.Context(), "order events: read failed", "order_id", id, "err", err)
-					fmt.Fprint(w, "event: error\ndata: {\"detail\": \"status unavailable; reconnect to resume\"}\n\n")
-				}
-				return
-			}
-		}
-	})
-}
-
 func handleFile(contentType string, content []byte) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", contentType)
@@ -372,8 +343,10 @@ func handleHealthz() http.Handler {
 
 // handleReadyz reports whether this instance can do its work: a load balancer
 // should stop sending it orders while either dependency is unreachable, or
-// while the database takes no writes (a failover in progress).
-func handleReadyz(db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
+// while the database takes no writes (a failover in progress). It says which
+// dependency is down, never why: the error names hosts, roles and paths that
+// are not a caller's business; the log has it.
+func handleReadyz(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
@@ -383,8 +356,9 @@ func handleReadyz(db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
 		var mu sync.Mutex
 		check := func(name string, ping func(context.Context) error) {
 			if err := ping(ctx); err != nil {
+				log.WarnContext(ctx, "not ready", "dependency", name, "err", err)
 				mu.Lock()
-				checks[name], code = "unavailable: "+err.Error(), http.StatusServiceUnavailable
+				checks[name], code = "unavailable", http.StatusServiceUnavailable
 				mu.Unlock()
 			}
 		}
@@ -400,6 +374,9 @@ func handleReadyz(db *pgxpool.Pool, kafka *kgo.Client) http.Handler {
 func requireUser(w http.ResponseWriter, r *http.Request) (string, bool) {
 	vals := r.Header.Values("X-User-Id")
 	if len(vals) == 0 || vals[0] == "" {
+		// The scheme names the header the gateway in front of this
+		// service sets; RFC 9110 asks a 401 to name its challenge.
+		w.Header().Set("WWW-Authenticate", `X-User-Id realm="order-service"`)
 		writeProblem(w, http.StatusUnauthorized, "the X-User-Id header is required")
 		return "", false
 	}
@@ -445,17 +422,32 @@ type orderInput struct {
 // says what is wrong with it (400, or 413 past maxBodyBytes).
 func decodeOrderInput(body io.Reader) (orderInput, *problem) {
 	b, err := io.ReadAll(body)
-	if err != nil {
-		return orderInput{}, decodeProblem(err)
+	var mbe *http.MaxBytesError
+	var ne net.Error
+	switch {
+	case errors.As(err, &mbe):
+		return orderInput{}, &problem{Status: http.StatusRequestEntityTooLarge, Detail: fmt.Sprintf("request body is larger than %d bytes", mbe.Limit)}
+	case errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return orderInput{}, &problem{Status: http.StatusRequestTimeout, Detail: fmt.Sprintf("the request body did not arrive within %s", bodyReadTimeout)}
+	case err != nil:
+		// Not err's text: it names the socket's addresses.
+		return orderInput{}, badRequest("the request body could not be read whole")
 	}
 	if !utf8.Valid(b) {
 		// encoding/json would quietly turn bad bytes into U+FFFD, and the
 		// stored description would differ from what the client sent.
 		return orderInput{}, badRequest("request body is not valid UTF-8")
 	}
+	if err := findLoneSurrogate(b); err != nil {
+		// encoding/json would store U+FFFD in its place, as for bad UTF-8.
+		return orderInput{}, badRequest("request body holds a " + err.Error() + ": not a Unicode character")
+	}
 	req, err := decodeJSON[createOrderRequest](bytes.NewReader(b))
 	if err != nil {
 		return orderInput{}, decodeProblem(err)
+	}
+	if err := checkKeys(b, orderFields, false); err != nil {
+		return orderInput{}, badRequest(err.Error())
 	}
 	amount, p := orderAmount(req.Amount)
 	if p != nil {
@@ -559,16 +551,30 @@ func badRequest(detail string) *problem {
 	return &problem{Status: http.StatusBadRequest, Detail: detail}
 }
 
+// acceptedBodyType: JSON, or no type at all, or the form type curl's -d sends
+// unless told otherwise, so that the plainest curl line works; the body is
+// read as JSON whatever the type says.
+func acceptedBodyType(contentType string) bool {
+	if contentType == "" {
+		return true
+	}
+	mt, params, err := mime.ParseMediaType(contentType)
+	if err != nil {
+		return false
+	}
+	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
+		return false
+	}
+	return mt == "application/json" || mt == "application/x-www-form-urlencoded"
+}
+
 // decodeProblem explains a decoding error in the client's terms.
 func decodeProblem(err error) *problem {
 	var (
-		mbe *http.MaxBytesError
-		se  *json.SyntaxError
-		te  *json.UnmarshalTypeError
+		se *json.SyntaxError
+		te *json.UnmarshalTypeError
 	)
 	switch {
-	case errors.As(err, &mbe):
-		return &problem{Status: http.StatusRequestEntityTooLarge, Detail: fmt.Sprintf("request body is larger than %d bytes", mbe.Limit)}
 	case errors.Is(err, io.EOF):
 		return badRequest("request body is empty; want a JSON object such as {\"amount\": 1000}")
 	case errors.As(err, &se), errors.Is(err, io.ErrUnexpectedEOF):
@@ -711,7 +717,7 @@ func isUUID(s string) bool {
 func healthcheck(getenv func(string) string) int {
 	addr := getenv("HTTP_ADDR")
 	if addr == "" {
-		addr = ":8081"
+		addr = defaultHTTPAddr
 	}
 	if strings.HasPrefix(addr, ":") {
 		addr = "127.0.0.1" + addr

@@ -27,21 +27,25 @@ type notifier struct {
 	db       *pgxpool.Pool
 	log      *slog.Logger
 	channels []string
+	// resync, given the payloads subscribed to on a channel when the
+	// LISTEN connection was down, returns those whose subscribers must
+	// re-read; nil wakes them all.
+	resync func(ctx context.Context, channel string, payloads []string) ([]string, error)
 
 	mu      sync.Mutex
-	subs    map[*subscription]struct{}
+	subs    map[subKey]map[chan struct{}]struct{}
 	pending map[string]struct{} // channels announced, not yet notified
 	kick    chan struct{}
 	self    string // the payload of this process's announcements
 }
 
-type subscription struct {
-	channel, payload string // payload "" matches any
-	c                chan struct{}
-}
+// subKey is what a subscriber waits for: a channel, and a payload on it ("":
+// any). Subscribers are kept by it, so that a notification costs the
+// subscribers it wakes, not all of them.
+type subKey struct{ channel, payload string }
 
 func newNotifier(db *pgxpool.Pool, log *slog.Logger, channels ...string) *notifier {
-	return &notifier{db: db, log: log, channels: channels, subs: map[*subscription]struct{}{},
+	return &notifier{db: db, log: log, channels: channels, subs: map[subKey]map[chan struct{}]struct{}{},
 		pending: map[string]struct{}{}, kick: make(chan struct{}, 1), self: newUUID()}
 }
 
@@ -98,34 +102,84 @@ func (n *notifier) notifyPeers(ctx context.Context) {
 // about, so coalesced notifications lose nothing, and a slow subscriber never
 // blocks the others.
 func (n *notifier) subscribe(channel, payload string) (<-chan struct{}, func()) {
-	s := &subscription{channel: channel, payload: payload, c: make(chan struct{}, 1)}
+	k, c := subKey{channel, payload}, make(chan struct{}, 1)
 	n.mu.Lock()
-	n.subs[s] = struct{}{}
+	if n.subs[k] == nil {
+		n.subs[k] = map[chan struct{}]struct{}{}
+	}
+	n.subs[k][c] = struct{}{}
 	n.mu.Unlock()
-	return s.c, func() {
+	return c, func() {
 		n.mu.Lock()
-		delete(n.subs, s)
+		delete(n.subs[k], c)
+		if len(n.subs[k]) == 0 {
+			delete(n.subs, k)
+		}
 		n.mu.Unlock()
 	}
 }
 
-// signal wakes the matching subscribers; channel "" wakes all of them.
+// signal wakes the subscribers of payload on channel, and those of any
+// payload on it.
 func (n *notifier) signal(channel, payload string) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	for s := range n.subs {
-		if channel == "" || s.channel == channel && (s.payload == "" || s.payload == payload) {
-			select {
-			case s.c <- struct{}{}:
-			default:
+	wake(n.subs[subKey{channel, payload}])
+	if payload != "" {
+		wake(n.subs[subKey{channel, ""}])
+	}
+}
+
+func wake(subs map[chan struct{}]struct{}) {
+	for c := range subs {
+		select {
+		case c <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// resyncAll follows a (re)connect, after which notifications sent while the
+// connection was down are lost. Subscribers of any payload (the relay) are
+// woken at once. Those of one payload each (the event streams, one order
+// each) are asked about with one call of resync per channel, and only those
+// it names are woken: a reconnect must not make every stream re-read at once.
+func (n *notifier) resyncAll(ctx context.Context) {
+	byChannel := map[string][]string{}
+	n.mu.Lock()
+	for k, subs := range n.subs {
+		if k.payload == "" {
+			wake(subs)
+		} else {
+			byChannel[k.channel] = append(byChannel[k.channel], k.payload)
+		}
+	}
+	n.mu.Unlock()
+	for channel, payloads := range byChannel {
+		var err error
+		if n.resync != nil {
+			rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			var changed []string
+			changed, err = n.resync(rctx, channel, payloads)
+			cancel()
+			if err == nil {
+				payloads = changed
+			} else if ctx.Err() == nil {
+				n.log.WarnContext(ctx, "listen: could not tell which streams missed a change; waking them all", "err", err)
 			}
+		}
+		for i, p := range payloads {
+			if err != nil && i > 0 && i%100 == 0 {
+				sleep(ctx, 10*time.Millisecond) // all of them, but spread: 10 000 over a second
+			}
+			n.signal(channel, p)
 		}
 	}
 }
 
 // run keeps the LISTEN connection up until ctx ends, reconnecting with
 // backoff. Notifications sent while it was down are lost, so every
-// (re)connect wakes every subscriber to re-read. The backoff counts failures
+// (re)connect resyncs the subscribers (resyncAll). The backoff counts failures
 // in a row: a connection that was up starts the count again, so drops spread
 // over a process's life each reconnect at once.
 func (n *notifier) run(ctx context.Context) {
@@ -170,7 +224,7 @@ func (n *notifier) listen(ctx context.Context) (listened bool, err error) {
 			return false, fmt.Errorf("listen %s: %w", ch, err)
 		}
 	}
-	n.signal("", "")
+	n.resyncAll(ctx)
 	for {
 		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		msg, err := conn.WaitForNotification(wctx)

@@ -40,6 +40,10 @@ func main() {
 	}
 }
 
+// defaultHTTPAddr is loopback: the service trusts X-User-Id, so `go run .`
+// on a laptop must not serve the network. Images and compose set ":8081".
+const defaultHTTPAddr = "127.0.0.1:8081"
+
 // Topic names of the Kafka contract and the consumer group (before
 // KAFKA_TOPIC_PREFIX).
 const (
@@ -71,6 +75,9 @@ type config struct {
 	CreateBatchMax    int
 	CreateWriters     int
 	PprofAddr         string
+	StreamsMax        int
+	StreamsPerUser    int
+	StreamLifetime    time.Duration
 	LogLevel          slog.Level
 	LogJSON           bool
 }
@@ -83,7 +90,7 @@ func (c config) topic(name string) string { return c.TopicPrefix + name }
 func loadConfig(getenv func(string) string) (config, error) {
 	e := &env{getenv: getenv}
 	c := config{
-		HTTPAddr:          e.str("HTTP_ADDR", ":8081"),
+		HTTPAddr:          e.str("HTTP_ADDR", defaultHTTPAddr),
 		DatabaseURL:       e.str("DATABASE_URL", ""),
 		KafkaBrokers:      e.list("KAFKA_BROKERS"),
 		EmbeddedKafkaAddr: e.str("EMBEDDED_KAFKA_ADDR", "127.0.0.1:9092"),
@@ -103,6 +110,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		CreateBatchMax:    e.num("CREATE_BATCH_MAX", 64, 1, 1000),
 		CreateWriters:     e.num("CREATE_WRITERS", 2, 1, 64),
 		PprofAddr:         e.str("PPROF_ADDR", ""),
+		StreamsMax:        e.num("STREAMS_MAX", 1000, 1, 1_000_000),
+		StreamsPerUser:    e.num("STREAMS_PER_USER", 10, 1, 10_000),
+		StreamLifetime:    e.dur("STREAM_MAX_LIFETIME", 5*time.Minute),
 		LogJSON:           e.oneOf("LOG_FORMAT", "text", "json") == "json",
 	}
 	// The demo Payment Service answers by default only where nobody else
@@ -239,13 +249,20 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	if cfg.PprofAddr != "" {
 		defer servePprof(cfg.PprofAddr, log)()
 	}
-	ln, err := net.Listen("tcp", cfg.HTTPAddr)
+	tcp, err := net.Listen("tcp", cfg.HTTPAddr)
 	if err != nil {
 		group.Close()
 		return fmt.Errorf("listen: %w", err)
 	}
+	maxConns, maxStreams := fdLimits(cfg.StreamsMax)
+	if maxStreams < cfg.StreamsMax {
+		log.Warn("fewer event streams than STREAMS_MAX: streams take at most half the connections "+
+			"the process's file descriptors allow", "streams_max", maxStreams, "connections_max", maxConns)
+	}
+	ln := newLimitListener(tcp, maxConns)
 
-	p := start(ctx, cfg, log, db, brokers, producer, group)
+	p := start(ctx, cfg, log, db, brokers, producer, group, maxStreams)
+	p.metrics.conns = ln
 	log.Info("http server listening", "addr", ln.Addr().String())
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- p.srv.Serve(ln) }()
@@ -275,6 +292,7 @@ type program struct {
 	cfg             config
 	log             *slog.Logger
 	srv             *http.Server
+	metrics         *metrics
 	producer, group *kgo.Client
 	workers         sync.WaitGroup
 	stopWork        context.CancelFunc // asks the workers to finish
@@ -284,9 +302,9 @@ type program struct {
 // start wires the service's parts and starts its workers; the server is
 // returned ready to serve.
 func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, brokers []string,
-	producer, group *kgo.Client) *program {
-	p := &program{cfg: cfg, log: log, producer: producer, group: group}
+	producer, group *kgo.Client, maxStreams int) *program {
 	m := newMetrics()
+	p := &program{cfg: cfg, log: log, producer: producer, group: group, metrics: m}
 	m.consumerLag = func(ctx context.Context) (map[int32]int64, error) {
 		return consumerLag(ctx, producer, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults))
 	}
@@ -302,6 +320,9 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
 	})
 	notes := newNotifier(db, log, outboxChannel, statusChannel)
+	notes.resync = func(ctx context.Context, _ string, orderIDs []string) ([]string, error) {
+		return ordersNotPending(ctx, db, orderIDs) // only the event streams subscribe to one payload
+	}
 	wg.Go(func() { notes.run(workCtx) })
 	orders := newOrderWriter(db, cfg.topic(topicPayOrder), cfg.CreateBatchMax, m,
 		func() { notes.announce(outboxChannel) })
@@ -324,7 +345,8 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 			}
 		})
 	}
-	p.srv = newServer(log, db, producer, notes, orders, m)
+	m.streams = newStreamLimits(maxStreams, cfg.StreamsPerUser, cfg.StreamLifetime)
+	p.srv = newServer(log, db, producer, notes, orders, m.streams, m)
 	return p
 }
 

@@ -470,7 +470,7 @@ func TestConfigRejectsBadValues(t *testing.T) {
 		}
 	}
 	c, err := loadConfig(func(string) string { return "" })
-	if err != nil || c.HTTPAddr != ":8081" || !c.DemoPayments || c.EmbeddedKafkaAddr != "127.0.0.1:9092" || len(c.KafkaBrokers) != 0 {
+	if err != nil || c.HTTPAddr != "127.0.0.1:8081" || !c.DemoPayments || c.EmbeddedKafkaAddr != "127.0.0.1:9092" || len(c.KafkaBrokers) != 0 {
 		t.Errorf("defaults %+v %v", c, err)
 	}
 	c, _ = loadConfig(func(k string) string { return map[string]string{"KAFKA_BROKERS": "a:9092, b:9092"}[k] })
@@ -521,7 +521,10 @@ func TestGoRunWithEmbeddedBroker(t *testing.T) {
 // the crash tests start it as a child process they can SIGKILL.
 const childEnv = "ORDER_SERVICE_TEST_CHILD"
 
-func childMain() { main() }
+func childMain() {
+	setTestRlimit()
+	main()
+}
 
 // --- the relay ---
 

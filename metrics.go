@@ -38,6 +38,8 @@ type metrics struct {
 	// consumerLag reads the group's lag per partition of payment-results at
 	// scrape time; nil until the consumer is wired.
 	consumerLag func(context.Context) (map[int32]int64, error)
+	streams     *streamLimits  // the event streams' gauges, when set
+	conns       *limitListener // the HTTP connections' gauges, when set
 
 	mu       sync.Mutex
 	requests map[requestKey]int64
@@ -133,6 +135,10 @@ func (m *metrics) observeRequest(route string, code int, d time.Duration) {
 	h.observe(d.Seconds())
 }
 
+// statusClientClosedRequest counts a request whose client left before it was
+// answered, as nginx logs it.
+const statusClientClosedRequest = 499
+
 // instrument records every request under its route pattern, never its raw
 // path, so order ids cannot blow up the number of series.
 func (m *metrics) instrument(next http.Handler) http.Handler {
@@ -140,6 +146,10 @@ func (m *metrics) instrument(next http.Handler) http.Handler {
 		start := time.Now()
 		sw := &statusWriter{ResponseWriter: w, code: http.StatusOK}
 		next.ServeHTTP(sw, r)
+		if !sw.wroteHeader && r.Context().Err() != nil {
+			// The client went away before any answer: not a 200.
+			sw.code = statusClientClosedRequest
+		}
 		route := r.Pattern
 		if route == "" {
 			route = "unmatched"
@@ -246,6 +256,28 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 	}
 }
 
+// writeStreams writes the HTTP connections and event streams open, their
+// caps, and the streams refused.
+func (m *metrics) writeStreams(w io.Writer) {
+	if m.conns != nil {
+		fmt.Fprintf(w, "# HELP http_connections_open HTTP connections open now.\n"+
+			"# TYPE http_connections_open gauge\nhttp_connections_open %d\n", m.conns.open.Load())
+		fmt.Fprintf(w, "# HELP http_connections_max HTTP connections this process accepts at once; past it, new ones wait in the kernel's backlog.\n"+
+			"# TYPE http_connections_max gauge\nhttp_connections_max %d\n", m.conns.max())
+	}
+	if m.streams == nil {
+		return
+	}
+	fmt.Fprintf(w, "# HELP http_streams_open Event streams (GET /orders/{id}/events) open now.\n"+
+		"# TYPE http_streams_open gauge\nhttp_streams_open %d\n", m.streams.opened())
+	fmt.Fprintf(w, "# HELP http_streams_max Event streams this process may hold at once.\n"+
+		"# TYPE http_streams_max gauge\nhttp_streams_max %d\n", m.streams.max)
+	fmt.Fprintf(w, "# HELP http_streams_refused_total Event streams refused, by the cap reached: user (429) or all (503).\n"+
+		"# TYPE http_streams_refused_total counter\n"+
+		"http_streams_refused_total{cap=\"user\"} %d\nhttp_streams_refused_total{cap=\"all\"} %d\n",
+		m.streams.refusedUser.Load(), m.streams.refusedAll.Load())
+}
+
 // writeLag writes the consumer group's lag on payment-results: records
 // written and not yet committed, per partition, from the group's committed
 // offsets and the log end (two requests to the broker).
@@ -279,6 +311,7 @@ func handleMetrics(m *metrics, stats func(context.Context) (outboxStats, error))
 		s, err := stats(ctx)
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
 		m.write(w, s, err)
+		m.writeStreams(w)
 		m.writeLag(ctx, w)
 		writeRuntimeMetrics(w)
 	})

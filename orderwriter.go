@@ -153,8 +153,9 @@ func deref(s *string) string {
 var errCommitOutcomeUnknown = errors.New("the outcome of the commit is unknown")
 
 // settleTimeout bounds how long a request waits, past its own deadline, to
-// learn what became of a COMMIT whose answer was lost.
-const settleTimeout = 3 * time.Second
+// learn what became of a COMMIT whose answer was lost: with requestDBTimeout,
+// the whole answer comes within 5s, for a client that waits no longer.
+const settleTimeout = 2 * time.Second
 
 // settle learns, on another connection, what became of a transaction whose
 // answer was lost. First the server process that holds it must be gone:

@@ -552,6 +552,18 @@ func notifyStatus(ctx context.Context, db dbtx, orderIDs []string) error {
 	return nil
 }
 
+// ordersNotPending returns those of ids whose orders are PAID or FAILED: the
+// event streams to wake after the LISTEN connection was down, one query for
+// all of them.
+func ordersNotPending(ctx context.Context, db dbtx, ids []string) ([]string, error) {
+	rows, _ := db.Query(ctx, `SELECT id::text FROM orders WHERE id = ANY($1::uuid[]) AND status <> 'PENDING'`, ids)
+	done, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return nil, fmt.Errorf("orders not pending: %w", err)
+	}
+	return done, nil
+}
+
 // orderStatuses tells duplicate results from ones for unknown orders.
 func orderStatuses(ctx context.Context, db dbtx, ids []string) (map[string]string, error) {
 	rows, _ := db.Query(ctx, `SELECT id::text, status FROM orders WHERE id = ANY($1::uuid[])`, ids)

@@ -1,0 +1,574 @@
+package main
+
+// edge_test.go: the HTTP edge against a careless or hostile client. Strict
+// JSON and content types, paths in their canonical form, bodies that stall,
+// ambiguous framing, and event streams as a bounded resource.
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+func TestStrictJSONAndContentTypes(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	for _, c := range []struct {
+		name, body, contentType string
+		status                  int
+		detail                  string // a part of the problem's detail
+	}{
+		{"a field in another case, beside the real one", `{"amount": 5, "AMOUNT": 99999999}`, "", 400, `"AMOUNT", want "amount"`},
+		{"a field in another case, alone", `{"Amount": 5}`, "", 400, `"Amount", want "amount"`},
+		{"a field that folds to a known one (U+017F)", `{"amount": 5, "deſcription": "x"}`, "", 400, `"deſcription", want "description"`},
+		{"a duplicate key", `{"amount": 5, "amount": 7}`, "", 400, `duplicate key "amount"`},
+		{"a lone high surrogate", `{"amount": 5, "description": "a\ud800b"}`, "", 400, `lone surrogate escape \ud800`},
+		{"a lone low surrogate", `{"amount": 5, "description": "\udc00"}`, "", 400, `lone surrogate escape \udc00`},
+		{"a high surrogate then another escape", `{"amount": 5, "description": "\ud800\u0041"}`, "", 400, `lone surrogate`},
+		{"text/plain", `{"amount": 5}`, "text/plain", 415, "application/json"},
+		{"JSON in another charset", `{"amount": 5}`, "application/json; charset=latin1", 415, "application/json"},
+		{"a malformed type", `{"amount": 5}`, "application/", 415, "application/json"},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			h := []string{"X-User-Id", user}
+			if c.contentType != "" {
+				h = append(h, "Content-Type", c.contentType)
+			}
+			r := do(t, "POST", s.url+"/orders", c.body, h...)
+			var p problem
+			r.json(t, &p)
+			if r.status != c.status || r.header.Get("Content-Type") != "application/problem+json" || !strings.Contains(p.Detail, c.detail) {
+				t.Errorf("%d %s %s, want %d problem+json naming %s", r.status, r.header.Get("Content-Type"), r.body, c.status, c.detail)
+			}
+			if c.status == 415 && r.header.Get("Accept") != "application/json" {
+				t.Errorf("415 with Accept %q, want application/json", r.header.Get("Accept"))
+			}
+		})
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM orders`); n != 0 {
+		t.Errorf("refused requests wrote %d orders", n)
+	}
+	// What stays accepted: a surrogate pair, and the types a client sends.
+	for _, c := range []struct{ body, contentType, description string }{
+		{`{"amount": 5, "description": "\ud83d\ude00 \\ud800"}`, "application/json", "😀 \\ud800"},
+		{`{"amount": 5}`, "application/json; charset=UTF-8", ""},
+		{`{"amount": 5}`, "", ""},
+		{`{"amount": 5}`, "application/x-www-form-urlencoded", ""}, // what curl -d sends
+	} {
+		h := []string{"X-User-Id", user}
+		if c.contentType != "" {
+			h = append(h, "Content-Type", c.contentType)
+		}
+		r := do(t, "POST", s.url+"/orders", c.body, h...)
+		if r.status != http.StatusCreated || r.order(t).Description != c.description {
+			t.Errorf("%s as %q: %d %s, want 201 with description %q", c.body, c.contentType, r.status, r.body, c.description)
+		}
+	}
+}
+
+func TestEdgeAnswersAreTheContracts(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	o := s.createOrder(t, user, 5)
+
+	// Paths not in their canonical form are 404 problem+json, never a
+	// redirect that a client would follow with its method and body.
+	noRedirect := &http.Client{CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
+	for _, c := range []struct{ method, path string }{
+		{"GET", "//orders"}, {"POST", "//orders"}, {"GET", "/orders/../healthz"},
+		{"GET", "/orders/./" + o.ID}, {"GET", "/orders/%2e%2e/healthz"}, {"GET", "/orders//" + o.ID},
+	} {
+		req, _ := http.NewRequest(c.method, s.url+c.path, strings.NewReader(`{"amount": 6}`))
+		req.Header.Set("X-User-Id", user)
+		resp, err := noRedirect.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusNotFound || resp.Header.Get("Content-Type") != "application/problem+json" || resp.Header.Get("Location") != "" {
+			t.Errorf("%s %s: %d %s Location %q, want 404 problem+json", c.method, c.path, resp.StatusCode,
+				resp.Header.Get("Content-Type"), resp.Header.Get("Location"))
+		}
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE amount = 6`); n != 0 {
+		t.Errorf("POST //orders stored %d orders", n)
+	}
+
+	// 401 names its challenge.
+	r := do(t, "GET", s.url+"/orders", "")
+	if r.status != http.StatusUnauthorized || r.header.Get("WWW-Authenticate") != `X-User-Id realm="order-service"` {
+		t.Errorf("no X-User-Id: %d, WWW-Authenticate %q", r.status, r.header.Get("WWW-Authenticate"))
+	}
+
+	// A body shorter than its Content-Length: 408 within the body's own
+	// deadline, with no socket addresses, and the connection closed.
+	addr := strings.TrimPrefix(s.url, "http://")
+	status, header, body, closed := rawExchange(t, addr, "POST /orders HTTP/1.1\r\nHost: x\r\nX-User-Id: "+user+
+		"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"amount\":", 10*time.Second)
+	if status != http.StatusRequestTimeout || !strings.Contains(header, "application/problem+json") ||
+		strings.Contains(body, "127.0.0.1") || !closed {
+		t.Errorf("stalled body: %d, closed %v\n%s\n%s", status, closed, header, body)
+	}
+
+	// Content-Length and chunked Transfer-Encoding together: answered by the
+	// chunked framing, and the connection closed (RFC 9112, section 6.3).
+	status, header, body, closed = rawExchange(t, addr, "POST /orders HTTP/1.1\r\nHost: x\r\nX-User-Id: "+user+
+		"\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\nd\r\n{\"amount\": 7}\r\n0\r\n\r\n", 10*time.Second)
+	if status != http.StatusCreated || !strings.Contains(strings.ToLower(header), "connection: close") || !closed {
+		t.Errorf("CL and TE: %d, closed %v\n%s\n%s", status, closed, header, body)
+	}
+}
+
+// rawExchange writes req on a new connection, reads one response, and tells
+// whether the server then closed the connection (within wait).
+func rawExchange(t *testing.T, addr, req string, wait time.Duration) (status int, header, body string, closed bool) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(wait))
+	if _, err := io.WriteString(c, req); err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatalf("read response: %v", err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	var h strings.Builder
+	resp.Header.Write(&h)
+	if resp.Close {
+		h.WriteString("Connection: close\r\n") // ReadResponse takes it out of Header
+	}
+	_, err = br.ReadByte()
+	return resp.StatusCode, h.String(), string(b), err == io.EOF
+}
+
+func TestEventStreamsAreBounded(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["STREAMS_MAX"] = "4"
+	env["STREAMS_PER_USER"] = "2"
+	env["STREAM_MAX_LIFETIME"] = "2s"
+	s := startService(t, env)
+	users := []string{newUser(), newUser(), newUser()}
+	o := s.createOrder(t, users[0], 5)
+	streamOf := func(user string) (*http.Response, <-chan sseEvent) {
+		id := o.ID
+		if user != users[0] {
+			id = s.createOrder(t, user, 5).ID
+		}
+		return stream(t, s.url, user, id)
+	}
+	open := func(user string) func() {
+		resp, events := streamOf(user)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("stream for %s: %d", user, resp.StatusCode)
+		}
+		nextEvent(t, events, 5*time.Second)
+		return func() { resp.Body.Close() }
+	}
+	refused := func(user string, want int) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", s.url+"/orders/"+o.ID+"/events", nil)
+		req.Header.Set("X-User-Id", user)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want || resp.Header.Get("Retry-After") == "" || resp.Header.Get("Content-Type") != "application/problem+json" || !resp.Close {
+			t.Errorf("stream past a cap: %d, Retry-After %q, %s, close %v; want %d problem+json with Retry-After, closed",
+				resp.StatusCode, resp.Header.Get("Retry-After"), resp.Header.Get("Content-Type"), resp.Close, want)
+		}
+	}
+	closeA := open(users[0])
+	open(users[0])
+	refused(users[0], http.StatusTooManyRequests) // the user's cap
+	open(users[1])
+	open(users[1])
+	refused(users[2], http.StatusServiceUnavailable) // the service's cap
+	if got := metric(t, s.url, "http_streams_open"); got != 4 {
+		t.Errorf("http_streams_open %v, want 4", got)
+	}
+	if u, a := metric(t, s.url, `http_streams_refused_total{cap="user"}`), metric(t, s.url, `http_streams_refused_total{cap="all"}`); u != 1 || a != 1 {
+		t.Errorf("refused: user %v, all %v; want 1 and 1", u, a)
+	}
+	closeA()
+	waitFor(t, 5*time.Second, "a closed stream's place taken by another user", func() bool {
+		return metric(t, s.url, "http_streams_open") == 3
+	})
+	open(users[2])()
+
+	// Every stream ends by its lifetime: all places are free again.
+	waitFor(t, 5*time.Second, "streams ended by their lifetime", func() bool {
+		return metric(t, s.url, "http_streams_open") == 0
+	})
+}
+
+func TestFinishedOrderStreamEndsAnEventSource(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	o := s.createOrder(t, user, 5)
+	produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`)
+	waitFor(t, 10*time.Second, "PAID", func() bool { return s.getOrder(t, user, o.ID).Status == "PAID" })
+
+	// The first request learns the state: 200, the final event, its id.
+	r := do(t, "GET", s.url+"/orders/"+o.ID+"/events", "", "X-User-Id", user)
+	if r.status != http.StatusOK || !strings.Contains(string(r.body), "id: PAID\nevent: status\n") {
+		t.Errorf("a finished order's stream: %d %q, want 200 with its final event", r.status, r.body)
+	}
+	// An EventSource reconnecting after it: 204, which stops it.
+	r = do(t, "GET", s.url+"/orders/"+o.ID+"/events", "", "X-User-Id", user, "Last-Event-ID", "PAID")
+	if r.status != http.StatusNoContent || len(r.body) != 0 {
+		t.Errorf("reconnect with Last-Event-ID PAID: %d %q, want 204", r.status, r.body)
+	}
+	// One that saw only PENDING gets the change it missed.
+	r = do(t, "GET", s.url+"/orders/"+o.ID+"/events", "", "X-User-Id", user, "Last-Event-ID", "PENDING")
+	if r.status != http.StatusOK || !strings.Contains(string(r.body), "id: PAID\n") {
+		t.Errorf("reconnect with Last-Event-ID PENDING: %d %q, want 200 with PAID", r.status, r.body)
+	}
+}
+
+// A client that stops reading is dropped when a write to it stalls: the
+// stream's writer, served by net/http to a client that never reads.
+func TestStalledStreamReaderIsDropped(t *testing.T) {
+	old := streamWriteTimeout
+	streamWriteTimeout = 300 * time.Millisecond
+	t.Cleanup(func() { streamWriteTimeout = old })
+	ended := make(chan int, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s := &eventStream{w: w, rc: http.NewResponseController(w)}
+		chunk := strings.Repeat("x", 64<<10)
+		sent := 0
+		for sent < 1<<30 && s.send("data: %s\n\n", chunk) {
+			sent += len(chunk)
+		}
+		ended <- sent
+	}))
+	defer srv.Close()
+	c, err := net.Dial("tcp", strings.TrimPrefix(srv.URL, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: x\r\n\r\n") // and never read
+	select {
+	case sent := <-ended:
+		if sent >= 1<<30 {
+			t.Errorf("wrote %d bytes to a client that reads nothing", sent)
+		}
+		t.Logf("the writer gave up after %d MiB buffered", sent>>20)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the writer still blocks on a client that reads nothing")
+	}
+}
+
+// A status change wakes the streams of its order only, and a reconnect of
+// the LISTEN connection wakes only the streams whose order changed meanwhile.
+func TestNotifierWakesOnlyWhatChanged(t *testing.T) {
+	schema := createSchema(t)
+	db := schemaPool(t, newSchemaURL(schema))
+	if err := applySchema(context.Background(), db); err != nil {
+		t.Fatal(err)
+	}
+	n := newNotifier(db, slog.New(slog.DiscardHandler), statusChannel)
+	n.resync = func(ctx context.Context, _ string, ids []string) ([]string, error) {
+		return ordersNotPending(ctx, db, ids)
+	}
+	paid, pending := newUUID(), newUUID()
+	for _, o := range []struct{ id, status string }{{paid, "PAID"}, {pending, "PENDING"}} {
+		if _, err := db.Exec(context.Background(), `INSERT INTO orders (id, user_id, amount, status) VALUES ($1, 'u', 1, $2)`, o.id, o.status); err != nil {
+			t.Fatal(err)
+		}
+	}
+	subs := map[string]<-chan struct{}{}
+	for _, id := range []string{paid, pending} {
+		c, cancel := n.subscribe(statusChannel, id)
+		t.Cleanup(cancel)
+		subs[id] = c
+	}
+	relay, cancel := n.subscribe(statusChannel, "")
+	t.Cleanup(cancel)
+	fired := func(c <-chan struct{}) bool {
+		select {
+		case <-c:
+			return true
+		default:
+			return false
+		}
+	}
+
+	n.signal(statusChannel, pending)
+	if !fired(subs[pending]) || fired(subs[paid]) || !fired(relay) {
+		t.Error("a change of one order: want its stream and the any-payload subscriber woken, no other")
+	}
+	n.resyncAll(context.Background())
+	if !fired(subs[paid]) || fired(subs[pending]) || !fired(relay) {
+		t.Error("after a reconnect: want the stream of the order that changed woken, not the one still PENDING")
+	}
+}
+
+// With streams at their cap and twice as many clients that never read
+// knocking, the API still answers: connections take all the process's file
+// descriptors but a reserve, and streams at most half of those, whatever
+// RLIMIT_NOFILE it is given.
+func TestStreamCapKeepsTheAPIAnswering(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	env := childEnvFor(dbURL, b)
+	env["STREAMS_PER_USER"] = "10000"
+	env[rlimitEnv] = "256"
+	c := startChild(t, env)
+	c.waitReady(t)
+	cap := int(metric(t, c.url, "http_streams_max"))
+	if conns := metric(t, c.url, "http_connections_max"); cap != 96 || conns != 256-fdReserve {
+		t.Fatalf("http_streams_max %d, http_connections_max %v with 256 descriptors; want 96 and %d", cap, conns, 256-fdReserve)
+	}
+	user := newUser()
+	r := do(t, "POST", c.url+"/orders", `{"amount": 5}`, "X-User-Id", user)
+	if r.status != http.StatusCreated {
+		t.Fatalf("POST: %d %s", r.status, r.body)
+	}
+	id := r.order(t).ID
+	addr := strings.TrimPrefix(c.url, "http://")
+	req := "GET /orders/" + id + "/events HTTP/1.1\r\nHost: x\r\nX-User-Id: " + user + "\r\n\r\n"
+	var mu sync.Mutex
+	var conns []net.Conn
+	t.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	var wg sync.WaitGroup
+	for range 3 * cap { // the cap, then twice as many refused
+		wg.Go(func() {
+			c, err := net.Dial("tcp", addr)
+			if err != nil {
+				return
+			}
+			io.WriteString(c, req) // and never read
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	waitFor(t, 20*time.Second, "the streams at their cap, the rest refused", func() bool {
+		open, refused := metric(t, c.url, "http_streams_open"), metric(t, c.url, `http_streams_refused_total{cap="all"}`)
+		t.Logf("streams open %v, refused %v", open, refused)
+		return open == float64(cap) && refused == float64(2*cap)
+	})
+	for i := range 20 {
+		if r := do(t, "POST", c.url+"/orders", `{"amount": 5}`, "X-User-Id", user); r.status != http.StatusCreated {
+			t.Errorf("POST %d with the streams at their cap: %d %s", i, r.status, r.body)
+		}
+		if r := do(t, "GET", c.url+"/healthz", ""); r.status != http.StatusOK {
+			t.Errorf("/healthz %d with the streams at their cap: %d", i, r.status)
+		}
+	}
+	if open, max := metric(t, c.url, "process_open_fds"), metric(t, c.url, "process_max_fds"); max != 256 || open >= max-32 {
+		t.Errorf("%v of %v descriptors open with the streams at their cap", open, max)
+	}
+	if strings.Contains(c.out.String()+c.stderr.String(), "too many open files") {
+		t.Error("the service ran out of file descriptors")
+	}
+}
+
+// rlimitEnv sets the child's RLIMIT_NOFILE (soft and hard) before it starts.
+const rlimitEnv = "ORDER_SERVICE_TEST_NOFILE"
+
+func setTestRlimit() {
+	v := os.Getenv(rlimitEnv)
+	if v == "" {
+		return
+	}
+	n, err := strconv.ParseUint(v, 10, 64)
+	if err == nil {
+		err = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &syscall.Rlimit{Cur: n, Max: n})
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "set RLIMIT_NOFILE:", err)
+		os.Exit(2)
+	}
+}
+
+// A database that hangs (connections open, nothing answered) gets every
+// request its 503 within 5 s, the settling of a lost commit included: a
+// client that waits 5 s sees it. /readyz says which dependency is down and
+// not its error; a request whose client left is counted as 499.
+func TestHungDatabaseAnswersWithin5s(t *testing.T) {
+	b := newBroker(t, false)
+	schema := createSchema(t)
+	proxy, dbURL := newDBProxy(t, schema)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	// Connections used within the last second are handed out without a
+	// ping: the POSTs below then send their commit into the hang, and their
+	// outcome must be settled, within the same 5 s.
+	var warm sync.WaitGroup
+	for range 8 {
+		warm.Go(func() { s.createOrder(t, user, 1) })
+	}
+	warm.Wait()
+
+	proxy.hang(true)
+	client := &http.Client{Timeout: 5 * time.Second}
+	var unknown atomic.Int64 // 503s that say the outcome is unknown
+	var wg sync.WaitGroup
+	for i := range 8 {
+		wg.Go(func() {
+			req, _ := http.NewRequest("POST", s.url+"/orders", strings.NewReader(`{"amount": 5}`))
+			req.Header.Set("X-User-Id", user)
+			start := time.Now()
+			resp, err := client.Do(req)
+			if err != nil {
+				t.Errorf("POST %d with the database hung: %v after %s", i, err, time.Since(start).Round(time.Millisecond))
+				return
+			}
+			body, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+				t.Errorf("POST %d with the database hung: %d, Retry-After %q", i, resp.StatusCode, resp.Header.Get("Retry-After"))
+			}
+			if strings.Contains(string(body), "did not confirm") {
+				unknown.Add(1)
+			}
+		})
+	}
+	// A client that gives up first.
+	wg.Go(func() {
+		req, _ := http.NewRequest("GET", s.url+"/orders", nil)
+		req.Header.Set("X-User-Id", user)
+		if _, err := (&http.Client{Timeout: 300 * time.Millisecond}).Do(req); err == nil {
+			t.Error("GET /orders answered with the database hung, within 300ms")
+		}
+	})
+	wg.Wait()
+	if n := metric(t, s.url, "order_commits_unanswered_total"); n == 0 {
+		t.Error("no commit went unanswered: the settle was not met")
+	}
+	r := do(t, "GET", s.url+"/readyz", "")
+	if r.status != http.StatusServiceUnavailable || string(r.body) != `{"database":"unavailable","kafka":"ok"}`+"\n" {
+		t.Errorf("/readyz with the database hung: %d %s", r.status, r.body)
+	}
+	waitFor(t, 5*time.Second, "the abandoned request counted as 499", func() bool {
+		return strings.Contains(string(do(t, "GET", s.url+"/metrics", "").body), `http_requests_total{route="GET /orders",code="499"} 1`)
+	})
+
+	proxy.hang(false)
+	waitFor(t, 20*time.Second, "POST /orders 201 after the database answered again", func() bool {
+		return do(t, "POST", s.url+"/orders", `{"amount": 6}`, "X-User-Id", user).status == http.StatusCreated
+	})
+	// A commit held by the hang reaches the server once it answers again;
+	// only an answer that said the outcome was unknown may have one.
+	if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM orders WHERE amount = 5`); n > int(unknown.Load()) {
+		t.Errorf("%d orders stored by requests answered 503, %d of them saying the outcome was unknown", n, unknown.Load())
+	}
+}
+
+// The errors that are not the server's answer to a statement, each made for
+// real: a connection the server refuses (here a database that allows none,
+// SQLSTATE 55000), an address nobody listens on, a connection that broke
+// mid-query, a connection used after it closed. Each is the database's
+// weather: 503, never 500.
+func TestConnectionErrorsAreTransient(t *testing.T) {
+	ctx := context.Background()
+	admin, err := pgx.Connect(ctx, testDBURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close(ctx)
+	closed := "order_service_test_closed_" + randomHex(4)
+	if _, err := admin.Exec(ctx, "CREATE DATABASE "+closed+" ALLOW_CONNECTIONS false"); err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Exec(ctx, "DROP DATABASE "+closed) //nolint:errcheck // best effort
+	errs := map[string]error{}
+
+	_, err = pgx.Connect(ctx, withParam(testDBURL, "dbname", closed))
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "55000" {
+		t.Fatalf("connect to a database that allows no connections: %v, want SQLSTATE 55000", err)
+	}
+	errs["database not accepting connections (55000)"] = err
+
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	addr := ln.Addr().String()
+	ln.Close()
+	_, errs["nobody listening"] = pgx.Connect(ctx, "postgres://u@"+addr+"/db?connect_timeout=2")
+
+	victim, err := pgx.Connect(ctx, testDBURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pid := victim.PgConn().PID()
+	var ender sync.WaitGroup
+	ender.Go(func() {
+		time.Sleep(200 * time.Millisecond)
+		admin.Exec(ctx, `SELECT pg_terminate_backend($1)`, pid) //nolint:errcheck // the query below says
+	})
+	_, errs["connection ended mid-query"] = victim.Exec(ctx, `SELECT pg_sleep(5)`)
+	ender.Wait()
+	_, errs["connection used after it closed"] = victim.Exec(ctx, `SELECT 1`)
+
+	for what, err := range errs {
+		if err == nil {
+			t.Errorf("%s: no error", what)
+			continue
+		}
+		if wrapped := fmt.Errorf("context: %w", err); !dbTransient(wrapped) || dbPermanent(wrapped) {
+			t.Errorf("%s (%v): transient %v, permanent %v; want transient", what, err, dbTransient(wrapped), dbPermanent(wrapped))
+		}
+	}
+}
+
+// Two users may pick the same Idempotency-Key: each replay answers the
+// caller's own order, never the other's.
+func TestIdempotencyKeyIsScopedToItsUser(t *testing.T) {
+	b := newBroker(t, false)
+	s := startService(t, serviceEnv(newSchema(t), b))
+	alice, bob := newUser(), newUser()
+	const body = `{"amount": 5}`
+	first := do(t, "POST", s.url+"/orders", body, "X-User-Id", alice, "Idempotency-Key", "k1")
+	second := do(t, "POST", s.url+"/orders", body, "X-User-Id", bob, "Idempotency-Key", "k1")
+	if first.status != http.StatusCreated || second.status != http.StatusCreated {
+		t.Fatalf("first orders: %d, %d; want 201 each", first.status, second.status)
+	}
+	for _, c := range []struct {
+		user string
+		want Order
+	}{{alice, first.order(t)}, {bob, second.order(t)}} {
+		r := do(t, "POST", s.url+"/orders", body, "X-User-Id", c.user, "Idempotency-Key", "k1")
+		if r.status != http.StatusOK || r.order(t).ID != c.want.ID {
+			t.Errorf("%s's replay: %d %s, want 200 with %s", c.user, r.status, r.body, c.want.ID)
+		}
+	}
+}
