@@ -195,7 +195,7 @@ func TestEventStreamsAreBounded(t *testing.T) {
 	}
 	refused := func(user string, want int) {
 		t.Helper()
-		req, _ := http.NewRequest("GET", s.url+"/orders/"+o.ID+"/events", nil)
+		req, _ := http.NewRequest("GET", s.url+"/orders/"+s.createOrder(t, user, 5).ID+"/events", nil)
 		req.Header.Set("X-User-Id", user)
 		resp, err := http.DefaultClient.Do(req)
 		if err != nil {
