@@ -188,10 +188,11 @@ func BenchmarkCreateThroughput(b *testing.B) {
 			for range b.N {
 				br := newBroker(b, true)
 				c, _ := benchService(b, br, mode.env)
-				ceilings, rate, p99, steal := alternate(b, c, 16, d,
+				m := alternate(b, c, 16, d,
 					"testdata/pgbench_create_order_nonotify.sql", "testdata/pgbench_create_order.sql")
 				allPublished(b, br, c)
-				ceiling, notifying := ceilings[0], ceilings[1]
+				ceiling, notifying, rate, p99, steal := m.ceilings[0], m.ceilings[1], m.rate, m.p99, m.steal
+				m.report(b)
 				b.ReportMetric(float64(p99.Microseconds())/1000, "p99_ms")
 				b.ReportMetric(ceiling, "pgbench_tps")
 				b.ReportMetric(notifying, "pgbench_notify_tps")
@@ -218,24 +219,106 @@ const benchTurns = 3
 // the order of scripts), the service's mean orders per second and the
 // highest p99 of its turns, and the share of the machine's CPU time the
 // hypervisor stole meanwhile, in percent.
-func alternate(b *testing.B, c *child, conns int, d time.Duration, scripts ...string) (ceilings []float64, rate float64, p99 time.Duration, steal float64) {
+func alternate(b *testing.B, c *child, conns int, d time.Duration, scripts ...string) turns {
 	b.Helper()
 	turn := max(time.Second, d/benchTurns)
-	ceilings = make([]float64, len(scripts))
+	m := turns{ceilings: make([]float64, len(scripts))}
 	stolen, total := cpuSteal()
+	var svcTicks, pgTicks, pgbenchTicks, orders, txs float64
 	for range benchTurns {
 		for i, script := range scripts {
-			ceilings[i] += pgbenchWith(b, script, conns, turn) / benchTurns
+			pg := postgresTicks(b)
+			tps := pgbenchWith(b, script, conns, turn)
+			if i == 0 {
+				pgbenchTicks += postgresTicks(b) - pg
+				txs += tps * turn.Seconds()
+			}
+			m.ceilings[i] += tps / benchTurns
 		}
+		pg, svc, created := postgresTicks(b), processTicks(b, c.cmd.Process.Pid), metric(b, c.url, "orders_created_total")
 		r, p := load(b, c.url, conns, turn)
-		rate += r / benchTurns
-		p99 = max(p99, p)
+		pgTicks += postgresTicks(b) - pg
+		svcTicks += processTicks(b, c.cmd.Process.Pid) - svc
+		orders += metric(b, c.url, "orders_created_total") - created
+		m.rate += r / benchTurns
+		m.p99 = max(m.p99, p)
 	}
 	stolen2, total2 := cpuSteal()
 	if total2 > total {
-		steal = 100 * float64(stolen2-stolen) / float64(total2-total)
+		m.steal = 100 * float64(stolen2-stolen) / float64(total2-total)
 	}
-	return ceilings, rate, p99, steal
+	const usPerTick = 1e6 / 100 // USER_HZ
+	m.svcPerOrder, m.pgPerOrder = svcTicks*usPerTick/orders, pgTicks*usPerTick/orders
+	m.pgPerTx = pgbenchTicks * usPerTick / txs
+	return m
+}
+
+// turns is what alternate measured: the ceilings' rates, the service's rate
+// and worst p99, the CPU steal, and the CPU time (µs) the service and
+// PostgreSQL spent per order, and PostgreSQL per transaction of the first
+// ceiling.
+type turns struct {
+	ceilings                         []float64
+	rate                             float64
+	p99                              time.Duration
+	steal                            float64
+	svcPerOrder, pgPerOrder, pgPerTx float64
+}
+
+// report adds the CPU budget to a benchmark's figures.
+func (m turns) report(b *testing.B) {
+	b.ReportMetric(m.svcPerOrder, "svc_us/order")
+	b.ReportMetric(m.pgPerOrder, "pg_us/order")
+	b.ReportMetric(m.pgPerTx, "pg_us/pgbench_tx")
+}
+
+// processTicks is the CPU time (user and system, in USER_HZ ticks) of process
+// pid and its threads.
+func processTicks(b *testing.B, pid int) float64 {
+	b.Helper()
+	f, ok := statTicks(pid)
+	if !ok {
+		b.Fatalf("no /proc/%d/stat", pid)
+	}
+	return f[0] + f[1]
+}
+
+// postgresTicks is the CPU time of every PostgreSQL process on this machine:
+// those alive, and, through the postmaster's children's times, those that
+// ended (pgbench's backends end with each run).
+func postgresTicks(b *testing.B) float64 {
+	b.Helper()
+	dirs, _ := os.ReadDir("/proc")
+	var sum float64
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(d.Name())
+		if err != nil {
+			continue
+		}
+		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+		if strings.TrimSpace(string(comm)) != "postgres" {
+			continue
+		}
+		if f, ok := statTicks(pid); ok {
+			sum += f[0] + f[1] + f[2] + f[3]
+		}
+	}
+	return sum
+}
+
+// statTicks reads utime, stime, cutime and cstime of /proc/pid/stat.
+func statTicks(pid int) ([4]float64, bool) {
+	var f [4]float64
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return f, false
+	}
+	// The command, in parentheses, may hold spaces: count from its end.
+	fields := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+1:]))
+	for i := range f { // fields 14-17 of the line, 12-15 after the command
+		f[i], _ = strconv.ParseFloat(fields[11+i], 64)
+	}
+	return f, true
 }
 
 // cpuSteal reads the machine's stolen and total CPU time (in ticks) from
@@ -420,13 +503,14 @@ func BenchmarkCreateCurve(b *testing.B) {
 			for range b.N {
 				br := newBroker(b, true)
 				c, _ := benchService(b, br, nil)
-				ceilings, rate, p99, steal := alternate(b, c, conns, d, "testdata/pgbench_create_order_nonotify.sql")
+				m := alternate(b, c, conns, d, "testdata/pgbench_create_order_nonotify.sql")
 				allPublished(b, br, c)
-				b.ReportMetric(rate, "orders/s")
-				b.ReportMetric(float64(p99.Microseconds())/1000, "p99_ms")
-				b.ReportMetric(ceilings[0], "pgbench_tps")
-				b.ReportMetric(rate/ceilings[0], "ratio")
-				b.ReportMetric(steal, "steal_%")
+				b.ReportMetric(m.rate, "orders/s")
+				b.ReportMetric(float64(m.p99.Microseconds())/1000, "p99_ms")
+				b.ReportMetric(m.ceilings[0], "pgbench_tps")
+				b.ReportMetric(m.rate/m.ceilings[0], "ratio")
+				b.ReportMetric(m.steal, "steal_%")
+				m.report(b)
 			}
 		})
 	}
@@ -488,6 +572,7 @@ func BenchmarkStreamFlood(b *testing.B) {
 				idle = max(idle, p99)
 				continue
 			}
+			refused := metric(b, c.url, `http_streams_refused_total{cap="all"}`)
 			for len(flood) < 3*cap { // the cap, then twice as many refused
 				conn, err := net.Dial("tcp", addr)
 				if err != nil {
@@ -496,8 +581,9 @@ func BenchmarkStreamFlood(b *testing.B) {
 				io.WriteString(conn, req) // and never read
 				flood = append(flood, conn)
 			}
-			waitFor(b, 20*time.Second, "the streams at their cap", func() bool {
-				return metric(b, c.url, "http_streams_open") == float64(cap)
+			waitFor(b, 20*time.Second, "the streams at their cap, the rest refused", func() bool {
+				return metric(b, c.url, "http_streams_open") == float64(cap) &&
+					metric(b, c.url, `http_streams_refused_total{cap="all"}`) >= refused+float64(2*cap)
 			})
 			_, p99 := load(b, c.url, 4, max(time.Second, d/(2*benchTurns)))
 			loaded = max(loaded, p99)

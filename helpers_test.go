@@ -654,3 +654,42 @@ func writeBatch(t testing.TB, w *orderWriter, ins ...newOrder) []createResult {
 	}
 	return out
 }
+
+// watchDeleted polls the outbox every 5ms, from now on, for the rows of the
+// given keys (order ids); the func it returns waits until all are gone and
+// says when the first went. The relay deletes a row as soon as the broker has
+// acknowledged its event, so that is when the first was published, within
+// the polling period and the delete's round trip.
+func watchDeleted(t testing.TB, dbURL string, keys ...string) func() time.Time {
+	t.Helper()
+	db := schemaPool(t, dbURL)
+	first := make(chan time.Time, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		seen := false
+		for deadline := time.Now().Add(90 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			var left int
+			if err := db.QueryRow(context.Background(), `SELECT count(*) FROM outbox WHERE key = ANY($1)`, keys).Scan(&left); err != nil {
+				continue
+			}
+			if left < len(keys) && !seen {
+				seen = true
+				first <- time.Now()
+			}
+			if left == 0 {
+				return
+			}
+		}
+	}()
+	return func() time.Time {
+		<-done
+		select {
+		case at := <-first:
+			return at
+		default:
+			t.Fatalf("the outbox rows of %v were not deleted within 90s", keys)
+			return time.Time{}
+		}
+	}
+}

@@ -526,7 +526,7 @@ func TestCommitWhoseAnswerIsLateIsSettled(t *testing.T) {
 	user := newUser()
 	readPayOrders(t, b, []string{s.createOrder(t, user, 1).ID}, 10*time.Second)
 	waitFor(t, 10*time.Second, "relay idle", func() bool {
-		return count(t, newSchemaURL(schema), `SELECT count(*) FROM outbox WHERE published_at IS NULL`) == 0
+		return count(t, newSchemaURL(schema), `SELECT count(*) FROM outbox`) == 0
 	})
 
 	proxy.delay.Store(int64(requestDBTimeout + 2*time.Second))
@@ -635,13 +635,12 @@ func TestOrderWhoseCommitFailsLeavesNoEvent(t *testing.T) {
 	}
 }
 
-// waitLocked waits until some unpublished outbox row is locked: the relay has
-// claimed it and waits on the broker.
-func waitLocked(t testing.TB, dbURL string) {
+// waitClaimed waits until some outbox row is claimed: the relay has leased it
+// and waits on the broker.
+func waitClaimed(t testing.TB, dbURL string) {
 	t.Helper()
 	waitFor(t, 10*time.Second, "the relay holding claimed rows", func() bool {
-		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE published_at IS NULL`) >
-			count(t, dbURL, `SELECT count(*) FROM (SELECT id FROM outbox WHERE published_at IS NULL FOR UPDATE SKIP LOCKED) u`)
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE lease_until > now()`) > 0
 	})
 }
 
@@ -700,10 +699,10 @@ func TestShutdownEndsWithinBudget(t *testing.T) {
 		readPayOrders(t, b, []string{first.ID}, 10*time.Second)
 		release := swallow(b)
 		o := do(t, "POST", c.url+"/orders", `{"amount": 2}`, "X-User-Id", user).order(t)
-		waitLocked(t, dbURL)
+		waitClaimed(t, dbURL)
 		took := sigterm(t, c)
 		t.Logf("exit %s after SIGTERM with the relay's produce and the group stalled", took.Round(time.Millisecond))
-		if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1 AND published_at IS NULL`, o.ID); n != 1 {
+		if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1`, o.ID); n != 1 {
 			t.Errorf("the abandoned event is not left unpublished in the outbox")
 		}
 		release()

@@ -68,8 +68,6 @@ type config struct {
 	RelayWorkers      int
 	RelayPollInterval time.Duration
 	ProduceTimeout    time.Duration
-	OutboxRetention   time.Duration
-	PurgeInterval     time.Duration
 	SessionTimeout    time.Duration
 	InstanceID        string
 	CreateBatchMax    int
@@ -103,8 +101,6 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RelayWorkers:      e.num("RELAY_WORKERS", 2, 1, 16),
 		RelayPollInterval: e.dur("RELAY_POLL_INTERVAL", time.Second),
 		ProduceTimeout:    e.dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
-		OutboxRetention:   e.dur("OUTBOX_RETENTION", 24*time.Hour),
-		PurgeInterval:     e.dur("OUTBOX_PURGE_INTERVAL", 30*time.Second),
 		SessionTimeout:    e.dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
 		InstanceID:        e.str("KAFKA_GROUP_INSTANCE_ID", ""),
 		CreateBatchMax:    e.num("CREATE_BATCH_MAX", 64, 1, 1000),
@@ -331,8 +327,7 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 	wg.Go(func() { orders.run(workCtx, cfg.CreateWriters) })
 	wake, _ := notes.subscribe(outboxChannel, "")
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
-		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout,
-		retention: cfg.OutboxRetention, purgeInterval: cfg.PurgeInterval}
+		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout}
 	wg.Go(func() { r.run(workCtx, abortCtx) })
 	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m}
 	wg.Go(func() { c.run(workCtx, abortCtx) })

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -26,29 +25,29 @@ type relay struct {
 	batchSize      int
 	workers        int           // publishBatch loops side by side in a backlog
 	pollInterval   time.Duration // fallback when a NOTIFY is lost
-	produceTimeout time.Duration // bounds how long a batch holds its row locks
-	retention      time.Duration // published rows older than this are purged
-	purgeInterval  time.Duration
+	produceTimeout time.Duration // bounds how long a batch waits for the broker
 	metrics        *metrics
 
 	wake <-chan struct{} // new outbox rows announced, or the listener reconnected
 }
 
-const purgeBatchSize = 1000
+// leaseMargin is how much longer than the produce deadline a claim's lease
+// lasts: the time to delete or release its rows once the broker has answered.
+const leaseMargin = 5 * time.Second
 
 // run publishes until ctx is cancelled, then returns after the batches in
-// flight have been published and marked, or rolled back when abort ends
-// first (shutdown's budget is spent): their rows stay in the outbox for the
-// next run.
+// flight have been published and deleted, or given up when abort ends first
+// (shutdown's budget is spent): their rows stay in the outbox for the next
+// claim.
 //
 // One worker waits for new rows and backs off when publishing fails. It
 // calls the others in only for a backlog, when it took a full batch: then
-// they claim batches side by side, each skipping the rows the others'
-// locks hold, one producing while another is in the database.
+// they claim batches side by side, each skipping the rows the others have
+// claimed, one producing while another is in the database.
 func (r *relay) run(ctx, abort context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Go(func() { r.purgeLoop(ctx) })
+	wg.Go(func() { r.deleteFormerlyPublished(ctx) })
 	help := make(chan struct{}, 1)
 	for range r.workers - 1 {
 		wg.Go(func() { r.assist(ctx, abort, help) })
@@ -138,49 +137,49 @@ func newProducerClient(brokers []string) (*kgo.Client, error) {
 	)
 }
 
-// publishBatch claims, produces and marks one batch in one transaction. The
-// produce deadline bounds how long row locks are held; ctx is not the run's
-// ctx but its abort: shutdown lets the current batch finish if it can.
+// publishBatch claims a batch, produces it and deletes what the broker
+// acknowledged. Each of the two database steps is a transaction of one round
+// trip; none is open while the broker is asked. ctx is not the run's ctx but
+// its abort: shutdown lets the current batch finish if it can.
 func (r *relay) publishBatch(ctx context.Context) (int, error) {
-	ctx, cancel := context.WithTimeout(ctx, r.produceTimeout+10*time.Second)
-	defer cancel()
-	tx, claimed, err := r.claim(ctx)
-	if err != nil {
+	claimed, err := r.claim(ctx)
+	if err != nil || len(claimed) == 0 {
 		return 0, err
 	}
-	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
-	if len(claimed) == 0 {
-		return 0, nil
-	}
-	// Mark what the broker acknowledged, even when some records failed: a
-	// partition without a leader must not hold back the events of the
-	// others. The failed rows stay unpublished and are released at commit
-	// for the next try; a failed record that did reach the broker will be
-	// sent again: at least once.
+	// Delete what the broker acknowledged, even when some records failed:
+	// a partition without a leader must not hold back the events of the
+	// others. The failed rows are released for the next try; a failed
+	// record that did reach the broker will be sent again: at least once.
 	acked, produceErr := r.produce(ctx, claimed)
-	if len(acked) > 0 {
-		if err := r.markAndCommit(ctx, tx, acked); err != nil {
-			return 0, err
-		}
+	if err := r.finish(ctx, claimed, acked); err != nil {
+		// The rows stay claimed until their lease ends, then are
+		// published again: at least once.
+		return len(acked), err
 	}
 	return len(acked), produceErr
 }
 
-// claim begins the batch's transaction and locks up to batchSize
-// unpublished rows, in one round trip.
-func (r *relay) claim(ctx context.Context) (pgx.Tx, []outboxRow, error) {
+// claim takes up to batchSize unpublished rows for a lease of the produce
+// deadline and a margin, in one round trip: BEGIN, the planner's settings,
+// the claim, COMMIT.
+func (r *relay) claim(ctx context.Context) ([]outboxRow, error) {
+	ctx, cancel := context.WithTimeout(ctx, dbStepTimeout)
+	defer cancel()
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
 	queuePlannerOff(b, "enable_sort", "enable_seqscan")
-	claim := queueClaimOutbox(b, r.batchSize)
+	claim := queueClaimOutbox(b, r.batchSize, r.produceTimeout+leaseMargin)
+	b.Queue(`COMMIT`)
 	br := r.db.SendBatch(ctx, b)
-	tx := br.Tx()
+	defer br.Tx().Rollback(ctx) //nolint:errcheck // ends a transaction that failed; a no-op after COMMIT
 	if err := br.Close(); err != nil {
-		tx.Rollback(ctx) //nolint:errcheck // the claim's error says more
-		return nil, nil, fmt.Errorf("claim: %w", err)
+		return nil, fmt.Errorf("claim: %w", err)
 	}
-	return tx, *claim, nil
+	return *claim, nil
 }
+
+// dbStepTimeout bounds each of the relay's transactions: one statement each.
+const dbStepTimeout = 5 * time.Second
 
 // ackedRow is a claimed row whose record the broker acknowledged, at at.
 type ackedRow struct {
@@ -242,22 +241,42 @@ func eventRecord(ctx context.Context, row outboxRow) *kgo.Record {
 	return rec
 }
 
-// markAndCommit marks the acknowledged rows published and commits. A crash
-// before the commit repeats them on the next claim; the consumer of
-// pay-order dedupes on event_id.
-func (r *relay) markAndCommit(ctx context.Context, tx pgx.Tx, acked []ackedRow) error {
-	rows, at := make([]pgtype.TID, len(acked)), make([]time.Time, len(acked))
+// finish deletes the acknowledged rows and releases the others, in one
+// round trip. It runs even when abort has ended (a batch abandoned at
+// shutdown still gives its rows back at once), within its own deadline.
+func (r *relay) finish(ctx context.Context, claimed []outboxRow, acked []ackedRow) error {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbStepTimeout)
+	defer cancel()
+	published := make(map[int64]bool, len(acked))
+	ids := make([]int64, len(acked))
 	for i, a := range acked {
-		rows[i], at[i] = a.row.CTID, a.at
+		ids[i], published[a.row.ID] = a.row.ID, true
 	}
-	if err := markPublished(ctx, tx, rows, at); err != nil {
-		return err
+	var failed []int64
+	for _, row := range claimed {
+		if !published[row.ID] {
+			failed = append(failed, row.ID)
+		}
 	}
-	if err := tx.Commit(ctx); err != nil {
-		return fmt.Errorf("commit published batch: %w", err)
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	queuePlannerOff(b, "enable_seqscan")
+	if len(ids) > 0 {
+		queueDeletePublished(b, ids)
+	}
+	if len(failed) > 0 {
+		queueReleaseClaims(b, failed, *claimed[0].LeaseUntil)
+	}
+	b.Queue(`COMMIT`)
+	br := r.db.SendBatch(ctx, b)
+	defer br.Tx().Rollback(ctx) //nolint:errcheck // ends a transaction that failed; a no-op after COMMIT
+	if err := br.Close(); err != nil {
+		return fmt.Errorf("delete published rows: %w", err)
 	}
 	r.metrics.eventsPublished.Add(int64(len(acked)))
-	r.metrics.relayBatch.observe(float64(len(acked)))
+	if len(acked) > 0 {
+		r.metrics.relayBatch.observe(float64(len(acked)))
+	}
 	for _, a := range acked {
 		// created_at is the order transaction's start, within
 		// milliseconds of its commit.
@@ -339,28 +358,22 @@ func (r *relay) pause(ctx context.Context, d time.Duration, down bool) (back boo
 	return false
 }
 
-// purgeLoop deletes published rows past their retention, on its own timer so
-// that neither a busy nor an idle relay delays it.
-func (r *relay) purgeLoop(ctx context.Context) {
-	t := time.NewTicker(r.purgeInterval)
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
+// deleteFormerlyPublished deletes, once at start, the rows a former version
+// of the service marked published and kept for a purge by age, a batch at a
+// time so that no statement holds many rows. Rows published now are deleted
+// as they are published.
+func (r *relay) deleteFormerlyPublished(ctx context.Context) {
+	const batch = 1000
+	for ctx.Err() == nil {
+		n, err := deleteFormerlyPublished(ctx, r.db, batch)
+		if err != nil {
+			if ctx.Err() == nil {
+				r.log.WarnContext(ctx, "relay: could not delete formerly published rows; the next start will", "err", err)
+			}
 			return
-		case <-t.C:
 		}
-		for ctx.Err() == nil {
-			n, err := purgePublished(ctx, r.db, r.retention, purgeBatchSize)
-			if err != nil {
-				if ctx.Err() == nil {
-					r.log.WarnContext(ctx, "relay: purge failed", "err", err)
-				}
-				break
-			}
-			if n < purgeBatchSize {
-				break
-			}
+		if n < batch {
+			return
 		}
 	}
 }

@@ -6,14 +6,15 @@ package main
 // errors dberrors.go's.
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -173,8 +174,8 @@ func (e *commitUnknownError) Unwrap() error { return e.err }
 // trip of its own. Its payload is row_to_json of (event_id, order_id,
 // user_id, amount, created_at), created_at in the session's time zone (UTC,
 // see connectDB); the relay sends it byte for byte. Its event_id is a version
-// 7 UUID made here, like the order's id, so that the unique index on it grows
-// at its right edge.
+// 7 UUID made here, like the order's id: unique by construction, with no
+// index to enforce it (schema.sql).
 func queueInsertOrders(b *pgx.Batch, topic string, in []newOrder) (inserted map[string]Order) {
 	ids, users, descs := make([]string, len(in)), make([]string, len(in)), make([]string, len(in))
 	amounts, keys, hashes := make([]int64, len(in)), make([]*string, len(in)), make([][]byte, len(in))
@@ -372,7 +373,7 @@ func listOrders(ctx context.Context, db dbtx, userID string, after pageKey, limi
 
 // outboxRow is one claimed event.
 type outboxRow struct {
-	CTID        pgtype.TID `db:"ctid"` // for markPublished
+	ID          int64      `db:"id"`
 	Topic       string     `db:"topic"`
 	Key         string     `db:"key"`
 	EventID     string     `db:"event_id"`
@@ -380,6 +381,7 @@ type outboxRow struct {
 	Traceparent *string    `db:"traceparent"`
 	Tracestate  *string    `db:"tracestate"`
 	CreatedAt   time.Time  `db:"created_at"`
+	LeaseUntil  *time.Time `db:"lease_until"` // the claim's, to release only its own rows
 }
 
 // queuePlannerOff queues the statement that plans the rest of the
@@ -398,8 +400,9 @@ type outboxRow struct {
 //     believes the backlog small (a table never analyzed, or analyzed before
 //     an outage), it prefers to read every unpublished row and sort them, at
 //     every claim of the drain. No ordered plan but the index scan needs no
-//     sort. The relay turns off sorts and sequential scans; for
-//     markPublished, see there.
+//     sort. The relay turns off sorts and sequential scans; its delete of
+//     the published rows by id turns off sequential scans, which a plan
+//     cached while the table was nearly empty would keep as it grew.
 //   - The consumer's UPDATE of orders by id, cached while orders was small,
 //     becomes a hash join over a sequential scan of every order, where the
 //     primary key reads one row per result. The consumer turns off
@@ -410,79 +413,67 @@ func queuePlannerOff(b *pgx.Batch, settings ...string) {
 	b.Queue(`SELECT set_config(name, 'off', true) FROM unnest($1::text[]) AS name`, settings)
 }
 
-// queueClaimOutbox queues the statement that locks up to limit unpublished
-// rows, in id order; once the batch is read, *claimed holds them. SKIP LOCKED
-// lets several relays (and a relay's workers) share the table: each takes
-// rows no other transaction holds, and a crashed relay's locks vanish with
-// its connection, so no row stays stuck. Plan it after queuePlannerOff.
-func queueClaimOutbox(b *pgx.Batch, limit int) (claimed *[]outboxRow) {
+// queueClaimOutbox queues the statement that claims up to limit unpublished
+// rows, in id order, for lease: it stamps them with lease_until and returns
+// them; once the batch is read, *claimed holds them. The claim commits at once
+// and the rows are published outside any transaction: no transaction stays
+// open while the broker is asked, and vacuum's horizon never waits for it.
+// Until the lease ends, other claims pass the rows by; a relay that dies
+// holding them leaves them to be claimed again when it does.
+//
+// FOR UPDATE SKIP LOCKED lets several relays (and a relay's workers) claim
+// side by side: each takes rows no other claim is stamping at that moment.
+// Plan it after queuePlannerOff.
+func queueClaimOutbox(b *pgx.Batch, limit int, lease time.Duration) (claimed *[]outboxRow) {
 	claimed = new([]outboxRow)
 	b.Queue(`
-		SELECT ctid, topic, key, event_id, payload, traceparent, tracestate, created_at
-		FROM outbox
-		WHERE published_at IS NULL
-		ORDER BY id
-		LIMIT $1
-		FOR UPDATE SKIP LOCKED`,
-		limit,
+		UPDATE outbox SET lease_until = now() + $2::interval
+		WHERE id IN (
+		    SELECT id FROM outbox
+		    WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < now())
+		    ORDER BY id
+		    LIMIT $1
+		    FOR UPDATE SKIP LOCKED)
+		RETURNING id, topic, key, event_id, payload, traceparent, tracestate, created_at, lease_until`,
+		limit, lease,
 	).Query(func(rows pgx.Rows) error {
 		var err error
 		if *claimed, err = pgx.CollectRows(rows, pgx.RowToStructByName[outboxRow]); err != nil {
 			return fmt.Errorf("claim outbox: %w", err)
 		}
+		slices.SortFunc(*claimed, func(a, b outboxRow) int { return cmp.Compare(a.ID, b.ID) })
 		return nil
 	})
 	return claimed
 }
 
-// markPublished stamps each claimed row with the moment the broker
-// acknowledged its record. That moment was taken on this process's clock and
-// is sent as how long ago it was, so published_at stays on PostgreSQL's clock
-// (created_at's): clock_timestamp() minus that age. Not now(), which is the
-// claim's start, before a produce that may have waited seconds; and not the
-// batch's end, which a partition retrying for seconds would impose on the
-// others, written at once.
-//
-// It finds the rows by ctid, their place in the table, which the claim's row
-// locks keep fixed: only an UPDATE or DELETE moves a row, and no other
-// transaction can run one on a locked row. Joined with the list, each is
-// one TID scan, with no index. The only rival plan is a sequential scan,
-// which the planner prefers for a table it believes a few pages long (never
-// analyzed, as after a deployment): that plan, cached while the table was
-// nearly empty, would stay as it grew, until an autovacuum ANALYZE replaced
-// it, and scan every row at every batch. The relay's transaction therefore
-// plans with sequential scans switched off (queuePlannerOff).
-func markPublished(ctx context.Context, tx pgx.Tx, rows []pgtype.TID, acked []time.Time) error {
-	now := time.Now()
-	ago := make([]time.Duration, len(acked))
-	for i, at := range acked {
-		ago[i] = now.Sub(at)
-	}
-	_, err := tx.Exec(ctx, `
-		UPDATE outbox SET published_at = clock_timestamp() - p.ago
-		FROM unnest($1::tid[], $2::interval[]) AS p(tid, ago)
-		WHERE outbox.ctid = p.tid`,
-		rows, ago)
-	if err != nil {
-		return fmt.Errorf("mark outbox published: %w", err)
-	}
-	return nil
+// queueDeletePublished queues the statement that deletes the rows whose
+// events the broker acknowledged. The outbox is a queue and Kafka the log: a
+// published event has nothing left to do here, so the table holds only what
+// waits, and nothing the service reads grows with its history. Each row is
+// written twice after its insert (the lease, the delete), where marking it
+// published and purging it later wrote it three times.
+func queueDeletePublished(b *pgx.Batch, ids []int64) {
+	b.Queue(`DELETE FROM outbox WHERE id = ANY($1::bigint[])`, ids)
 }
 
-// purgePublished deletes at most limit published rows older than retention;
-// small batches keep each delete short next to the relay's claims.
-func purgePublished(ctx context.Context, db dbtx, retention time.Duration, limit int) (int64, error) {
+// queueReleaseClaims queues the statement that gives back claimed rows whose
+// produce failed, so that the next claim retries them at once rather than
+// when their lease ends; a row another relay has claimed since is not its to
+// release.
+func queueReleaseClaims(b *pgx.Batch, ids []int64, leaseUntil time.Time) {
+	b.Queue(`UPDATE outbox SET lease_until = NULL WHERE id = ANY($1::bigint[]) AND lease_until = $2`, ids, leaseUntil)
+}
+
+// deleteFormerlyPublished deletes at most limit rows that a former version of
+// the service marked published and left for a purge by age. It walks the
+// primary key, where those rows are the oldest.
+func deleteFormerlyPublished(ctx context.Context, db dbtx, limit int) (int64, error) {
 	tag, err := db.Exec(ctx, `
 		DELETE FROM outbox
-		WHERE id IN (
-			SELECT id FROM outbox
-			WHERE published_at < now() - $1::interval
-			ORDER BY id
-			LIMIT $2
-		)`,
-		retention, limit)
+		WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL ORDER BY id LIMIT $1)`, limit)
 	if err != nil {
-		return 0, fmt.Errorf("purge outbox: %w", err)
+		return 0, fmt.Errorf("delete formerly published rows: %w", err)
 	}
 	return tag.RowsAffected(), nil
 }
@@ -587,7 +578,7 @@ func (o Order) utc() Order {
 }
 
 // getOutboxStats reads the backlog gauges for /metrics through the partial
-// index of unpublished rows.
+// index of unpublished rows: the whole table, which holds only the backlog.
 func getOutboxStats(ctx context.Context, db dbtx) (outboxStats, error) {
 	var s outboxStats
 	err := db.QueryRow(ctx, `

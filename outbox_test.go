@@ -1,0 +1,135 @@
+package main
+
+// outbox_test.go: the outbox's life cycle. A published event's row is
+// deleted, so the table holds only the backlog and returns to nothing after
+// one drains; rows a former version marked published are deleted at start and
+// never published again; and an idle service reads no table by sequential
+// scan, whatever its history.
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/twmb/franz-go/pkg/kgo"
+)
+
+func TestFormerlyPublishedRowsAreDeleted(t *testing.T) {
+	b := newBroker(t, false)
+	schema := createSchema(t)
+	dbURL := newSchemaURL(schema)
+	db := schemaPool(t, dbURL)
+	ctx := context.Background()
+	if err := applySchema(ctx, db); err != nil {
+		t.Fatal(err)
+	}
+	// What a former version leaves: rows published an hour ago, waiting for
+	// their purge, interleaved with rows still to publish.
+	const n = 3000
+	if _, err := db.Exec(ctx, `
+		INSERT INTO outbox (topic, key, event_id, payload, published_at)
+		SELECT $1, g::text, gen_random_uuid(), '{}', CASE WHEN g % 2 = 0 THEN now() - interval '1 hour' END
+		FROM generate_series(1, $2::int) AS g`, b.topic(topicPayOrder), 2*n); err != nil {
+		t.Fatal(err)
+	}
+	var pending []string
+	rows, _ := db.Query(ctx, `SELECT event_id::text FROM outbox WHERE published_at IS NULL`)
+	for rows.Next() {
+		var id string
+		rows.Scan(&id) //nolint:errcheck // rows.Err says
+		pending = append(pending, id)
+	}
+	if err := rows.Err(); err != nil || len(pending) != n {
+		t.Fatalf("%d unpublished rows, %v", len(pending), err)
+	}
+
+	s := startService(t, serviceEnv(dbURL, b))
+	recs := readTopic(t, b, b.topic(topicPayOrder), 30*time.Second, func(r []*kgo.Record) bool { return len(r) >= n })
+	waitFor(t, 20*time.Second, "the outbox empty", func() bool { return count(t, dbURL, `SELECT count(*) FROM outbox`) == 0 })
+	// Exactly the rows still to publish, each once; none published before.
+	seen := map[string]int{}
+	for _, r := range readTopicNow(t, b, b.topic(topicPayOrder)) {
+		seen[headerMap(r)["event-id"]]++
+	}
+	for _, id := range pending {
+		if seen[id] != 1 {
+			t.Errorf("event %s published %d times, want once", id, seen[id])
+		}
+	}
+	if len(seen) != n {
+		t.Errorf("%d events on pay-order (%d records), want the %d unpublished ones", len(seen), len(recs), n)
+	}
+	if got := metric(t, s.url, "outbox_events_published_total"); got != n {
+		t.Errorf("outbox_events_published_total %v, want %d", got, n)
+	}
+}
+
+// A backlog drains to an empty table, which vacuum gives back to its floor.
+func TestOutboxReturnsToItsFloorAfterABacklog(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	startService(t, serviceEnv(dbURL, b))
+	const n = 20000
+	insertEvents(t, dbURL, b.topic(topicPayOrder), n)
+	waitFor(t, 60*time.Second, "the backlog drained", func() bool { return count(t, dbURL, `SELECT count(*) FROM outbox`) == 0 })
+	db := schemaPool(t, dbURL)
+	if _, err := db.Exec(context.Background(), `VACUUM outbox`); err != nil {
+		t.Fatal(err)
+	}
+	var pages int
+	if err := db.QueryRow(context.Background(), `SELECT pg_relation_size('outbox') / current_setting('block_size')::int`).Scan(&pages); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("outbox after a drain of %d events and a VACUUM: %d pages", n, pages)
+	if pages > 1 {
+		t.Errorf("outbox holds %d pages after its backlog drained and a VACUUM, want its floor (0 or 1)", pages)
+	}
+}
+
+// An idle service reads neither orders nor outbox by sequential scan, with
+// the relay polling every 100ms and /metrics scraped: what it does while
+// idle costs the same on a table of any size.
+func TestIdleServiceScansNoTable(t *testing.T) {
+	b := newBroker(t, false)
+	schema := createSchema(t)
+	dbURL := newSchemaURL(schema)
+	db := schemaPool(t, dbURL)
+	ctx := context.Background()
+	if err := applySchema(ctx, db); err != nil {
+		t.Fatal(err)
+	}
+	// Some history: 20 000 orders, paid, and their events long published.
+	if _, err := db.Exec(ctx, `
+		INSERT INTO orders (id, user_id, amount, status, created_at, updated_at)
+		SELECT gen_random_uuid(), 'user-' || (g % 100), 100, 'PAID', now() - g * interval '1 second', now()
+		FROM generate_series(1, 20000) AS g;
+		ANALYZE orders`); err != nil {
+		t.Fatal(err)
+	}
+	env := serviceEnv(dbURL, b)
+	env["RELAY_POLL_INTERVAL"] = "100ms"
+	s := startService(t, env)
+	readPayOrders(t, b, []string{s.createOrder(t, "someone", 1).ID}, 10*time.Second)
+	waitFor(t, 10*time.Second, "the outbox empty", func() bool { return count(t, dbURL, `SELECT count(*) FROM outbox`) == 0 })
+
+	seqRead := func() (reads int64) {
+		// Backends report their statistics at most once a second, when
+		// idle; nothing shows when they have.
+		time.Sleep(2 * time.Second)
+		if err := db.QueryRow(ctx, `SELECT coalesce(sum(seq_tup_read), 0)
+			FROM pg_stat_user_tables WHERE schemaname = $1 AND relname IN ('orders', 'outbox')`, schema).Scan(&reads); err != nil {
+			t.Fatal(err)
+		}
+		return reads
+	}
+	before := seqRead()
+	for range 20 { // two seconds of idling, scraped ten times a second
+		do(t, "GET", s.url+"/metrics", "")
+		time.Sleep(100 * time.Millisecond) // a pace, not a wait for a condition
+	}
+	after := seqRead()
+	t.Logf("rows read by sequential scans of orders and outbox while idle: %d", after-before)
+	if after != before {
+		t.Errorf("the idle service read %d rows of orders and outbox by sequential scans", after-before)
+	}
+}
