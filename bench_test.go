@@ -630,3 +630,182 @@ func BenchmarkNotifierSignal(b *testing.B) {
 		b.ReportMetric(float64(many)/float64(one), "ratio")
 	}
 }
+
+// BenchmarkScale: the same service on a database holding a long history and
+// on an empty one, side by side. The big one is preloaded with
+// BENCH_SCALE_ORDERS orders (10 000 000 by default; a hundredth of them one
+// user's) whose events are long published: the outbox keeps none, by design.
+// It reports the ratio of their create rates in alternating turns, the rows
+// each reads by sequential scans of orders and outbox per minute while idle
+// (BENCH_IDLE, 60s by default, /metrics scraped every 15s), the p99 of GET
+// /orders for the heavy user at its first page and 30 pages deep, the p99 of
+// a /metrics scrape, what is left in the outbox right after the load, and
+// the bytes of each table.
+func BenchmarkScale(b *testing.B) {
+	n := 10_000_000
+	if v := os.Getenv("BENCH_SCALE_ORDERS"); v != "" {
+		var err error
+		if n, err = strconv.Atoi(v); err != nil || n < 10_000 {
+			b.Fatalf("BENCH_SCALE_ORDERS=%q: want an integer of 10000 or more", v)
+		}
+	}
+	idle := time.Minute
+	if v := os.Getenv("BENCH_IDLE"); v != "" {
+		var err error
+		if idle, err = time.ParseDuration(v); err != nil {
+			b.Fatalf("BENCH_IDLE: %v", err)
+		}
+	}
+	d := benchDuration(b)
+	for range b.N {
+		bigURL, bigSchema := preloadOrders(b, n)
+		emptySchema := createSchema(b)
+		emptyURL := newSchemaURL(emptySchema)
+		big := scaleService(b, bigURL)
+		empty := scaleService(b, emptyURL)
+
+		var bigRate, emptyRate float64
+		turn := max(time.Second, d/benchTurns)
+		for range benchTurns {
+			r, _ := load(b, big.url, 16, turn)
+			bigRate += r / benchTurns
+			r, _ = load(b, empty.url, 16, turn)
+			emptyRate += r / benchTurns
+		}
+		left := count(b, bigURL, `SELECT count(*) FROM outbox`)
+		for _, u := range []string{bigURL, emptyURL} {
+			waitFor(b, 60*time.Second, "the outbox drained", func() bool { return count(b, u, `SELECT count(*) FROM outbox`) == 0 })
+		}
+
+		bigScans, emptyScans := seqRowsRead(b, bigSchema), seqRowsRead(b, emptySchema)
+		for end := time.Now().Add(idle); time.Now().Before(end); {
+			do(b, "GET", big.url+"/metrics", "")
+			do(b, "GET", empty.url+"/metrics", "")
+			time.Sleep(min(15*time.Second, time.Until(end))) // a scrape interval, not a wait for a condition
+		}
+		bigScans, emptyScans = seqRowsRead(b, bigSchema)-bigScans, seqRowsRead(b, emptySchema)-emptyScans
+		perMinute := float64(time.Minute) / float64(idle)
+
+		first, deep := listP99(b, big.url, n/100)
+		var scrape []time.Duration
+		for range 50 {
+			start := time.Now()
+			do(b, "GET", big.url+"/metrics", "")
+			scrape = append(scrape, time.Since(start))
+		}
+		var ordersBytes, outboxBytes float64
+		if err := schemaPool(b, bigURL).QueryRow(context.Background(),
+			`SELECT pg_total_relation_size('orders'), pg_total_relation_size('outbox')`).Scan(&ordersBytes, &outboxBytes); err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(n), "orders")
+		b.ReportMetric(bigRate, "orders/s_big")
+		b.ReportMetric(emptyRate, "orders/s_empty")
+		b.ReportMetric(bigRate/emptyRate, "ratio")
+		b.ReportMetric(float64(bigScans)*perMinute, "seq_rows/min_big")
+		b.ReportMetric(float64(emptyScans)*perMinute, "seq_rows/min_empty")
+		b.ReportMetric(float64(left), "outbox_left")
+		b.ReportMetric(ms(first), "list_p99_ms")
+		b.ReportMetric(ms(deep), "list_page30_p99_ms")
+		b.ReportMetric(ms(p99Of(scrape)), "scrape_p99_ms")
+		b.ReportMetric(ordersBytes/float64(n), "orders_B/order")
+		b.ReportMetric(outboxBytes, "outbox_B")
+	}
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+func p99Of(ds []time.Duration) time.Duration {
+	slices.Sort(ds)
+	return ds[len(ds)*99/100]
+}
+
+// scaleService starts the service as a child on dbURL, with its own broker.
+func scaleService(b *testing.B, dbURL string) *child {
+	b.Helper()
+	env := childEnvFor(dbURL, newBroker(b, true))
+	env["LOG_LEVEL"] = "warn"
+	c := startChild(b, env)
+	c.waitReady(b)
+	return c
+}
+
+// preloadOrders makes a schema holding n paid orders, ordered ids and times a
+// millisecond apart, one in a hundred the user "scale-heavy"'s, and analyzed.
+// The index for listing is built after the rows, which is quicker.
+func preloadOrders(b *testing.B, n int) (dbURL, schema string) {
+	b.Helper()
+	schema = createSchema(b)
+	dbURL = newSchemaURL(schema)
+	db := schemaPool(b, dbURL)
+	ctx := context.Background()
+	if err := applySchema(ctx, db); err != nil {
+		b.Fatal(err)
+	}
+	start := time.Now()
+	for _, stmt := range []string{
+		`DROP INDEX orders_user_created_idx`,
+		fmt.Sprintf(`INSERT INTO orders (id, user_id, amount, status, created_at, updated_at)
+			SELECT ('01890000-0000-7000-8000-' || lpad(to_hex(g), 12, '0'))::uuid,
+			       CASE WHEN g %% 100 = 0 THEN 'scale-heavy' ELSE 'user-' || (g %% 50000) END,
+			       1 + g %% 100000, 'PAID', t, t
+			FROM generate_series(1, %d) AS g, LATERAL (SELECT now() - (%d - g) * interval '1 millisecond' AS t) AS at`, n, n),
+		`SET maintenance_work_mem = '1GB'`,
+		`CREATE INDEX orders_user_created_idx ON orders (user_id, created_at DESC, id DESC)`,
+		`VACUUM ANALYZE orders`,
+	} {
+		if _, err := db.Exec(ctx, stmt); err != nil {
+			b.Fatalf("preload: %v", err)
+		}
+	}
+	b.Logf("preloaded %d orders in %s", n, time.Since(start).Round(time.Second))
+	return dbURL, schema
+}
+
+// seqRowsRead is the rows read by sequential scans of orders and outbox in
+// schema so far, once the backends have reported them.
+func seqRowsRead(b *testing.B, schema string) int64 {
+	b.Helper()
+	time.Sleep(2 * time.Second) // backends report their statistics at most once a second, when idle
+	var n int64
+	if err := testDB.QueryRow(context.Background(), `SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_user_tables
+		WHERE schemaname = $1 AND relname IN ('orders', 'outbox')`, schema).Scan(&n); err != nil {
+		b.Fatal(err)
+	}
+	return n
+}
+
+// listP99 is the p99 of 200 requests for the first page of the heavy user's
+// orders, and of 200 for its 30th page; pages of 50, or fewer if the user has
+// not 31 pages of 50.
+func listP99(b *testing.B, baseURL string, orders int) (first, deep time.Duration) {
+	b.Helper()
+	limit := max(1, min(50, orders/31))
+	page := func(cursor string) (time.Duration, string) {
+		url := baseURL + "/orders?limit=" + strconv.Itoa(limit)
+		if cursor != "" {
+			url += "&cursor=" + cursor
+		}
+		start := time.Now()
+		r := do(b, "GET", url, "", "X-User-Id", "scale-heavy")
+		took := time.Since(start)
+		var p orderPage
+		r.json(b, &p)
+		if r.status != http.StatusOK || len(p.Orders) != limit {
+			b.Fatalf("GET /orders for the heavy user (%d orders): %d, %d orders", orders, r.status, len(p.Orders))
+		}
+		return took, p.NextCursor
+	}
+	cursor := ""
+	for range 29 {
+		_, cursor = page(cursor)
+	}
+	var firsts, deeps []time.Duration
+	for range 200 {
+		d, _ := page("")
+		firsts = append(firsts, d)
+		d, _ = page(cursor)
+		deeps = append(deeps, d)
+	}
+	return p99Of(firsts), p99Of(deeps)
+}
