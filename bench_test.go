@@ -52,11 +52,7 @@ func pgbenchWith(b *testing.B, script string, clients int, d time.Duration) floa
 	if err != nil {
 		b.Fatal("pgbench not found: install PostgreSQL's client tools (Debian: postgresql-client or postgresql-contrib)")
 	}
-	schema := createSchema(b)
-	db := schemaPool(b, newSchemaURL(schema))
-	if err := applySchema(context.Background(), db); err != nil {
-		b.Fatal(err)
-	}
+	schema, _, _ := schemaWithTables(b)
 	cc := testDB.Config().ConnConfig
 	secs := max(1, int(d.Seconds()))
 	cmd := exec.Command(path, "-n", "-f", script, "-c", strconv.Itoa(clients), "-j", strconv.Itoa(min(clients, 2)), "-T", strconv.Itoa(secs),
@@ -735,13 +731,8 @@ func scaleService(b *testing.B, dbURL string) *child {
 // The index for listing is built after the rows, which is quicker.
 func preloadOrders(b *testing.B, n int) (dbURL, schema string) {
 	b.Helper()
-	schema = createSchema(b)
-	dbURL = newSchemaURL(schema)
-	db := schemaPool(b, dbURL)
+	schema, dbURL, db := schemaWithTables(b)
 	ctx := context.Background()
-	if err := applySchema(ctx, db); err != nil {
-		b.Fatal(err)
-	}
 	start := time.Now()
 	for _, stmt := range []string{
 		`DROP INDEX orders_user_created_idx`,

@@ -107,6 +107,7 @@ type consumer struct {
 	dlqTopic string
 	log      *slog.Logger
 	metrics  *metrics
+	pollHold time.Duration // see pollHold; 0: never give a poll back
 }
 
 // newConsumerClient configures the group member. Offsets are committed only
@@ -114,7 +115,7 @@ type consumer struct {
 // applied it has committed: a crash in between redelivers the record, and the
 // conditional UPDATE makes that redelivery a no-op.
 func newConsumerClient(brokers []string, group, topic string, log *slog.Logger,
-	sessionTimeout time.Duration, instanceID string) (*kgo.Client, error) {
+	sessionTimeout, rebalanceTimeout time.Duration, instanceID string) (*kgo.Client, error) {
 	opts := []kgo.Opt{
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("order-service"),
@@ -124,6 +125,10 @@ func newConsumerClient(brokers []string, group, topic string, log *slog.Logger,
 		// a restarted replica waits that long for them, unless it has a
 		// static identity (KIP-345): then it takes them back at once.
 		kgo.SessionTimeout(sessionTimeout),
+		// How long the group waits for every member to rejoin; a member
+		// that does not is dropped. The consumer never holds a poll for
+		// more than a quarter of it (pollHold).
+		kgo.RebalanceTimeout(rebalanceTimeout),
 		kgo.AutoCommitMarks(),
 		// Polls and rebalances exclude each other, so a commit never
 		// crosses a rebalance; run calls AllowRebalance after each poll.
@@ -188,10 +193,20 @@ func (c *consumer) run(ctx, abort context.Context) {
 			return
 		}
 		fetches.EachError(func(topic string, p int32, err error) {
-			c.log.WarnContext(ctx, "consumer: fetch error", "topic", topic, "partition", p, "err", err)
+			c.log.WarnContext(ctx, "consumer: fetch error", repeatsKey, "consumer: fetch error", "topic", topic, "partition", p, "err", err)
 		})
 		if recs := fetches.Records(); len(recs) > 0 {
-			if err := c.processPoll(ctx, recs); err != nil {
+			err := c.processPoll(ctx, recs)
+			if errors.Is(err, errPollReleased) {
+				// The poll held past pollHold: give it back, so that
+				// a rebalance waiting for it can go on, and wait
+				// before it is fetched again.
+				c.rewind(recs)
+				c.group.AllowRebalance()
+				sleep(ctx, time.Second)
+				continue
+			}
+			if err != nil {
 				// Only shutdown stops processing; the poll stays
 				// unmarked and is redelivered to the next owner.
 				c.group.AllowRebalance()
@@ -368,16 +383,42 @@ func (c *consumer) apply(ctx context.Context, items []item) (map[string]time.Tim
 	return applied, append(rejected, rejected2...), nil
 }
 
-// retry runs step until it succeeds, fails permanently (errPoison) or ctx
-// ends. Each try has its own deadline, so a hung database or broker is a
-// failure to retry, not a stuck partition.
+// pollHold is how long the consumer keeps retrying the records of one poll
+// while they fail, before it gives the poll back: 5s, or a quarter of the
+// rebalance timeout if that is less. It holds the poll, and with
+// BlockRebalanceOnPoll every rebalance of the group waits for it: a database
+// down for minutes would block the group for minutes, and a replica that
+// could apply results (its own database up, or a new one) would get none.
+func pollHold(rebalanceTimeout time.Duration) time.Duration {
+	return min(5*time.Second, rebalanceTimeout/4)
+}
+
+// errPollReleased: the poll's records failed for pollHold; they are given
+// back, to be fetched again.
+var errPollReleased = errors.New("poll released")
+
+// retry runs step until it succeeds, fails permanently (errPoison), has
+// failed for pollHold (errPollReleased), or ctx ends. Each try has its own
+// deadline, so a hung database or broker is a failure to retry, not a stuck
+// partition.
 func (c *consumer) retry(ctx context.Context, what string, step func(context.Context) error) error {
-	return retry(ctx, func(ctx context.Context) error {
+	var failing time.Time
+	released := false
+	err := retry(ctx, func(ctx context.Context) error {
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
 		return step(ctx)
 	}, func(err error, wait time.Duration) bool {
 		if errors.Is(err, errPoison) {
+			return false
+		}
+		if failing.IsZero() {
+			failing = time.Now()
+		}
+		if c.pollHold > 0 && time.Since(failing) >= c.pollHold {
+			released = true
+			c.log.WarnContext(ctx, "consumer: "+what+" failing; giving the poll back, its records will be fetched again",
+				repeatsKey, "consumer: poll released", "err", err)
 			return false
 		}
 		level := slog.LevelWarn
@@ -387,6 +428,27 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		c.log.Log(ctx, level, "consumer: "+what+" failed, retrying", "err", err, "retry_in", wait)
 		return true
 	})
+	if released {
+		return fmt.Errorf("%w: %w", errPollReleased, err)
+	}
+	return err
+}
+
+// rewind sets each partition of recs back to its first record in them, so
+// that the next poll fetches them again. Nothing of them was marked: what was
+// applied meanwhile is applied again, and changes nothing. It runs between a
+// poll and AllowRebalance, where kgo wants SetOffsets called.
+func (c *consumer) rewind(recs []*kgo.Record) {
+	offsets := map[string]map[int32]kgo.EpochOffset{}
+	for _, r := range recs {
+		if offsets[r.Topic] == nil {
+			offsets[r.Topic] = map[int32]kgo.EpochOffset{}
+		}
+		if o, ok := offsets[r.Topic][r.Partition]; !ok || r.Offset < o.Offset {
+			offsets[r.Topic][r.Partition] = kgo.EpochOffset{Epoch: r.LeaderEpoch, Offset: r.Offset}
+		}
+	}
+	c.group.SetOffsets(offsets)
 }
 
 // The DLQ copy is bounded: its error header is cut to maxErrorHeader bytes,

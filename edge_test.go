@@ -6,6 +6,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -294,11 +295,7 @@ func TestStalledStreamReaderIsDropped(t *testing.T) {
 // A status change wakes the streams of its order only, and a reconnect of
 // the LISTEN connection wakes only the streams whose order changed meanwhile.
 func TestNotifierWakesOnlyWhatChanged(t *testing.T) {
-	schema := createSchema(t)
-	db := schemaPool(t, newSchemaURL(schema))
-	if err := applySchema(context.Background(), db); err != nil {
-		t.Fatal(err)
-	}
+	_, _, db := schemaWithTables(t)
 	n := newNotifier(db, slog.New(slog.DiscardHandler), statusChannel)
 	n.resync = func(ctx context.Context, _ string, ids []string) ([]string, error) {
 		return ordersNotPending(ctx, db, ids)
@@ -570,5 +567,30 @@ func TestIdempotencyKeyIsScopedToItsUser(t *testing.T) {
 		if r.status != http.StatusOK || r.order(t).ID != c.want.ID {
 			t.Errorf("%s's replay: %d %s, want 200 with %s", c.user, r.status, r.body, c.want.ID)
 		}
+	}
+}
+
+// Records that name the same repeat are written once per repeatInterval, the
+// next one written saying how many were left out; others pass untouched.
+func TestRepeatedFailuresAreLoggedOncePerInterval(t *testing.T) {
+	var out bytes.Buffer
+	log := slog.New(newQuietHandler(slog.NewTextHandler(&out, nil)))
+	t0 := time.Now()
+	write := func(at time.Duration, msg string, args ...any) {
+		r := slog.NewRecord(t0.Add(at), slog.LevelWarn, msg, 0)
+		r.Add(args...)
+		if err := log.Handler().Handle(context.Background(), r); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 100 { // 100 failures over 9.9 s
+		write(time.Duration(i)*99*time.Millisecond, "database unavailable", repeatsKey, "db", "err", "down")
+	}
+	write(5*time.Second, "payment result sent to DLQ", "offset", 7) // not a repeat: always written
+	write(11*time.Second, "database unavailable", repeatsKey, "db", "err", "down")
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 3 || !strings.Contains(lines[0], "database unavailable") || strings.Contains(lines[0], repeatsKey) ||
+		!strings.Contains(lines[1], "sent to DLQ") || !strings.Contains(lines[2], "repeated=99 since=11s") {
+		t.Errorf("want the first failure, the DLQ line, and one line for the 99 left out; got:\n%s", out.String())
 	}
 }

@@ -888,6 +888,11 @@ func TestDatabaseOutageAnswers503AndRecovers(t *testing.T) {
 	if r := do(t, "GET", s.url+"/readyz", ""); r.status != http.StatusServiceUnavailable {
 		t.Errorf("/readyz with the database down: %d %s", r.status, r.body)
 	}
+	// A storm of identical failures is logged once per interval, not once
+	// per request.
+	if n := strings.Count(s.logs.String(), `msg="database unavailable"`); n == 0 || n > 2 {
+		t.Errorf(`%d lines "database unavailable" for 40 requests answered 503 within seconds, want 1 or 2`, n)
+	}
 
 	proxy.set(false)
 	var next Order
@@ -1285,4 +1290,65 @@ func TestHostileHTTP(t *testing.T) {
 			}
 		}
 	})
+}
+
+// A database down for longer than the rebalance timeout never blocks the
+// group: the replica whose poll cannot be applied gives it back after
+// pollHold, so a second replica that joins meanwhile gets its share of the
+// partitions at once and applies the results on them, and the first is not
+// dropped from the group for failing to rejoin.
+func TestDatabaseOutageDoesNotBlockTheGroup(t *testing.T) {
+	const rebalanceTimeout = 12 * time.Second
+	b := newBroker(t, false)
+	schema := createSchema(t)
+	proxy, proxied := newDBProxy(t, schema)
+	direct := newSchemaURL(schema)
+	envA := serviceEnv(proxied, b)
+	envA["KAFKA_REBALANCE_TIMEOUT"] = rebalanceTimeout.String()
+	a := startService(t, envA)
+	user := newUser()
+	var ids []string
+	for range 30 { // their keys spread over the three partitions
+		ids = append(ids, a.createOrder(t, user, 5).ID)
+	}
+	readPayOrders(t, b, ids, 10*time.Second)
+	produce(t, b, b.topic(topicPaymentResults), ids[0], `{"order_id": "`+ids[0]+`", "status": "PAID"}`)
+	waitFor(t, 10*time.Second, "the first replica consuming", func() bool { return a.getOrder(t, user, ids[0]).Status == "PAID" })
+
+	proxy.set(true)
+	down := time.Now()
+	for _, id := range ids[1:] {
+		produce(t, b, b.topic(topicPaymentResults), id, `{"order_id": "`+id+`", "status": "PAID"}`)
+	}
+	waitFor(t, 10*time.Second, "the first replica failing to apply its poll", func() bool {
+		return strings.Contains(a.logs.String(), "consumer: apply payment results failed")
+	})
+	envB := serviceEnv(direct, b)
+	envB["KAFKA_REBALANCE_TIMEOUT"] = rebalanceTimeout.String()
+	joined := time.Now()
+	startService(t, envB)
+	paid := func() int { return count(t, direct, `SELECT count(*) FROM orders WHERE status = 'PAID'`) }
+	waitFor(t, 2*rebalanceTimeout, "the second replica applying results", func() bool { return paid() > 1 })
+	took := time.Since(joined)
+	t.Logf("the second replica applied results %s after it started, the database down for the first", took.Round(time.Millisecond))
+	if took > rebalanceTimeout*2/3 {
+		t.Errorf("the second replica applied nothing for %s: the group waited for the first replica's poll", took.Round(time.Millisecond))
+	}
+	// The outage outlasts the rebalance timeout, and the first replica
+	// stays a member of the group all along.
+	adm, closeAdm := adminClient(t, b)
+	defer closeAdm()
+	for time.Since(down) < rebalanceTimeout+3*time.Second {
+		groups, err := adm.DescribeGroups(context.Background(), b.topic(consumerGroup))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if g := groups[b.topic(consumerGroup)]; len(g.Members) != 2 {
+			t.Fatalf("the group has %d members %s into the outage, want both replicas (state %s)",
+				len(g.Members), time.Since(down).Round(time.Second), g.State)
+		}
+		time.Sleep(500 * time.Millisecond) // a sampling period, not a wait for a condition
+	}
+	proxy.set(false)
+	waitFor(t, 30*time.Second, "every result applied once the database returned", func() bool { return paid() == len(ids) })
 }

@@ -693,3 +693,16 @@ func watchDeleted(t testing.TB, dbURL string, keys ...string) func() time.Time {
 		}
 	}
 }
+
+// schemaWithTables creates a schema holding the service's tables, for a test
+// that writes rows before any service starts on it.
+func schemaWithTables(t testing.TB) (schema, dbURL string, db *pgxpool.Pool) {
+	t.Helper()
+	schema = createSchema(t)
+	dbURL = newSchemaURL(schema)
+	db = schemaPool(t, dbURL)
+	if err := applySchema(context.Background(), db); err != nil {
+		t.Fatal(err)
+	}
+	return schema, dbURL, db
+}

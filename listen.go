@@ -89,7 +89,7 @@ func (n *notifier) notifyPeers(ctx context.Context) {
 			nctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 			if err := notify(nctx, n.db, ch, n.self); err != nil && ctx.Err() == nil {
 				// The other replicas poll: they are late, not stuck.
-				n.log.WarnContext(ctx, "could not notify the other replicas", "err", err)
+				n.log.WarnContext(ctx, "could not notify the other replicas", repeatsKey, "notify peers", "err", err)
 			}
 			cancel()
 		}
@@ -195,7 +195,7 @@ func (n *notifier) run(ctx context.Context) {
 			}
 			return err
 		}, func(err error, wait time.Duration) bool {
-			n.log.WarnContext(ctx, "listen connection failed, reconnecting", "err", err, "retry_in", wait)
+			n.log.WarnContext(ctx, "listen connection failed, reconnecting", repeatsKey, "listen connection failed", "err", err, "retry_in", wait)
 			return true
 		})
 	}

@@ -69,6 +69,7 @@ type config struct {
 	RelayPollInterval time.Duration
 	ProduceTimeout    time.Duration
 	SessionTimeout    time.Duration
+	RebalanceTimeout  time.Duration
 	InstanceID        string
 	CreateBatchMax    int
 	CreateWriters     int
@@ -102,6 +103,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RelayPollInterval: e.dur("RELAY_POLL_INTERVAL", time.Second),
 		ProduceTimeout:    e.dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
 		SessionTimeout:    e.dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
+		RebalanceTimeout:  e.dur("KAFKA_REBALANCE_TIMEOUT", 60*time.Second),
 		InstanceID:        e.str("KAFKA_GROUP_INSTANCE_ID", ""),
 		CreateBatchMax:    e.num("CREATE_BATCH_MAX", 64, 1, 1000),
 		CreateWriters:     e.num("CREATE_WRITERS", 2, 1, 64),
@@ -238,7 +240,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 	defer closeBefore(&stopBy, producer.Close)
 	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log,
-		cfg.SessionTimeout, cfg.InstanceID)
+		cfg.SessionTimeout, cfg.RebalanceTimeout, cfg.InstanceID)
 	if err != nil {
 		return fmt.Errorf("kafka consumer: %w", err)
 	}
@@ -274,13 +276,14 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 }
 
 // newLogger writes LOG_FORMAT lines at LOG_LEVEL to out, each with the
-// trace_id and request_id of its context.
+// trace_id and request_id of its context, repeated failures once per
+// interval (quietHandler).
 func newLogger(cfg config, out io.Writer) *slog.Logger {
 	var handler slog.Handler = slog.NewTextHandler(out, &slog.HandlerOptions{Level: cfg.LogLevel})
 	if cfg.LogJSON {
 		handler = slog.NewJSONHandler(out, &slog.HandlerOptions{Level: cfg.LogLevel})
 	}
-	return slog.New(contextHandler{handler})
+	return slog.New(contextHandler{newQuietHandler(handler)})
 }
 
 // program is the running service: its HTTP server and its workers.
@@ -329,7 +332,8 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
 		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout}
 	wg.Go(func() { r.run(workCtx, abortCtx) })
-	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m}
+	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m,
+		pollHold: pollHold(cfg.RebalanceTimeout)}
 	wg.Go(func() { c.run(workCtx, abortCtx) })
 	if cfg.DemoPayments {
 		log.Info("demo payments on: orders up to the limit are PAID, larger ones FAILED", "limit", demoPaymentLimit)

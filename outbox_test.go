@@ -16,13 +16,8 @@ import (
 
 func TestFormerlyPublishedRowsAreDeleted(t *testing.T) {
 	b := newBroker(t, false)
-	schema := createSchema(t)
-	dbURL := newSchemaURL(schema)
-	db := schemaPool(t, dbURL)
+	_, dbURL, db := schemaWithTables(t)
 	ctx := context.Background()
-	if err := applySchema(ctx, db); err != nil {
-		t.Fatal(err)
-	}
 	// What a former version leaves: rows published an hour ago, waiting for
 	// their purge, interleaved with rows still to publish.
 	const n = 3000
@@ -91,13 +86,8 @@ func TestOutboxReturnsToItsFloorAfterABacklog(t *testing.T) {
 // idle costs the same on a table of any size.
 func TestIdleServiceScansNoTable(t *testing.T) {
 	b := newBroker(t, false)
-	schema := createSchema(t)
-	dbURL := newSchemaURL(schema)
-	db := schemaPool(t, dbURL)
+	schema, dbURL, db := schemaWithTables(t)
 	ctx := context.Background()
-	if err := applySchema(ctx, db); err != nil {
-		t.Fatal(err)
-	}
 	// Some history: 20 000 orders, paid, and their events long published.
 	if _, err := db.Exec(ctx, `
 		INSERT INTO orders (id, user_id, amount, status, created_at, updated_at)

@@ -101,15 +101,7 @@ func handleOrderEvents(log *slog.Logger, db *pgxpool.Pool, notes *notifier, limi
 		}
 		release, refusal := limits.acquire(userID)
 		if refusal != 0 {
-			// Closed after the answer: a client that never reads must
-			// not keep a descriptor as an idle connection.
-			w.Header().Set("Connection", "close")
-			w.Header().Set("Retry-After", streamRetryAfter)
-			detail := "too many open event streams for this user; close one, or retry later"
-			if refusal == http.StatusServiceUnavailable {
-				detail = "the service holds as many event streams as it may; retry later"
-			}
-			writeProblem(w, refusal, detail)
+			refuseStream(w, refusal)
 			return
 		}
 		defer release()
@@ -126,74 +118,103 @@ func handleOrderEvents(log *slog.Logger, db *pgxpool.Pool, notes *notifier, limi
 		switch {
 		case errors.Is(err, errNotFound):
 			writeProblem(w, http.StatusNotFound, "no order "+id)
-			return
 		case err != nil:
 			writeDBError(w, r, log, err)
-			return
 		case order.Status != "PENDING" && r.Header.Get("Last-Event-ID") == order.Status:
 			w.WriteHeader(http.StatusNoContent)
-			return
-		}
-		s := &eventStream{w: w, rc: http.NewResponseController(w)}
-		// The request has no body left to read: the server's ReadTimeout
-		// must not end the stream.
-		_ = s.rc.SetReadDeadline(time.Time{})
-		w.Header().Set("Content-Type", "text/event-stream")
-		w.Header().Set("Cache-Control", "no-cache")
-		w.Header().Set("X-Accel-Buffering", "no") // proxies must not buffer the stream
-		w.WriteHeader(http.StatusOK)
-		keepAlive := time.NewTicker(streamKeepAlive)
-		defer keepAlive.Stop()
-		// Jittered, so that streams opened together do not all end and
-		// reconnect together.
-		end := time.NewTimer(jitter(limits.lifetime - limits.lifetime/10))
-		defer end.Stop()
-		sent := ""
-		for {
-			if order.Status != sent {
-				b, _ := json.Marshal(order)
-				if !s.send("id: %s\nevent: status\ndata: %s\n\n", order.Status, b) {
-					return
-				}
-				sent = order.Status
-			}
-			if order.Status != "PENDING" {
-				return
-			}
-			select {
-			case <-r.Context().Done():
-				return
-			case <-stop:
-				return
-			case <-end.C:
-				// The client reconnects, with Last-Event-ID, and gets
-				// a stream of a new lifetime.
-				s.send(": the stream's lifetime is over; reconnect\n\n")
-				return
-			case <-keepAlive.C:
-				// A comment line: keeps proxies from timing the stream
-				// out and finds clients that are gone.
-				if !s.send(": keep-alive\n\n") {
-					return
-				}
-				continue
-			case <-changed:
-			}
-			if order, err = read(); err != nil {
-				if r.Context().Err() == nil {
-					log.WarnContext(r.Context(), "order events: read failed", "order_id", id, "err", err)
-					s.send("event: error\ndata: {\"detail\": \"status unavailable; reconnect to resume\"}\n\n")
-				}
-				return
+		default:
+			s := startEventStream(w)
+			if err := s.follow(r.Context(), order, read, changed, stop, limits.lifetime); err != nil {
+				log.WarnContext(r.Context(), "order events: read failed", repeatsKey, "order events: read failed",
+					"order_id", id, "err", err)
 			}
 		}
 	})
+}
+
+// refuseStream answers a stream past a cap: 429 for the user's, 503 for the
+// service's. The connection is closed after the answer: a client that never
+// reads must not keep a descriptor as an idle connection.
+func refuseStream(w http.ResponseWriter, refusal int) {
+	w.Header().Set("Connection", "close")
+	w.Header().Set("Retry-After", streamRetryAfter)
+	detail := "too many open event streams for this user; close one, or retry later"
+	if refusal == http.StatusServiceUnavailable {
+		detail = "the service holds as many event streams as it may; retry later"
+	}
+	writeProblem(w, refusal, detail)
 }
 
 // eventStream writes Server-Sent Events, each within streamWriteTimeout.
 type eventStream struct {
 	w  http.ResponseWriter
 	rc *http.ResponseController
+}
+
+// startEventStream answers 200 with the stream's headers. The request has no
+// body left to read: the server's ReadTimeout must not end the stream.
+func startEventStream(w http.ResponseWriter) *eventStream {
+	s := &eventStream{w: w, rc: http.NewResponseController(w)}
+	_ = s.rc.SetReadDeadline(time.Time{})
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.Header().Set("X-Accel-Buffering", "no") // proxies must not buffer the stream
+	w.WriteHeader(http.StatusOK)
+	return s
+}
+
+// follow sends order, then each change that read finds after changed fires,
+// until a final status, the client leaves, stop closes (shutdown), lifetime
+// ends, or a write stalls. The error is a failed read, after which the client
+// is told to reconnect.
+func (s *eventStream) follow(ctx context.Context, order Order, read func() (Order, error), changed <-chan struct{},
+	stop <-chan struct{}, lifetime time.Duration) error {
+	keepAlive := time.NewTicker(streamKeepAlive)
+	defer keepAlive.Stop()
+	// Jittered, so that streams opened together do not all end and
+	// reconnect together.
+	end := time.NewTimer(jitter(lifetime - lifetime/10))
+	defer end.Stop()
+	sent := ""
+	for {
+		if order.Status != sent {
+			b, _ := json.Marshal(order)
+			if !s.send("id: %s\nevent: status\ndata: %s\n\n", order.Status, b) {
+				return nil
+			}
+			sent = order.Status
+		}
+		if order.Status != "PENDING" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-stop:
+			return nil
+		case <-end.C:
+			// The client reconnects, with Last-Event-ID, and gets a
+			// stream of a new lifetime.
+			s.send(": the stream's lifetime is over; reconnect\n\n")
+			return nil
+		case <-keepAlive.C:
+			// A comment line: keeps proxies from timing the stream out
+			// and finds clients that are gone.
+			if !s.send(": keep-alive\n\n") {
+				return nil
+			}
+			continue
+		case <-changed:
+		}
+		var err error
+		if order, err = read(); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
+			s.send("event: error\ndata: {\"detail\": \"status unavailable; reconnect to resume\"}\n\n")
+			return err
+		}
+	}
 }
 
 // send writes and flushes one event; false means the client is gone or has
