@@ -51,12 +51,19 @@ func TestKafkaConsoleToolsSpeakTheContract(t *testing.T) {
 	o := s.createOrder(t, user, 1234)
 	readPayOrders(t, b, []string{o.ID}, 10*time.Second)
 
+	// Kafka 4 renamed the tools' --property and moved the producer out of
+	// the broker's package; 3.9 knows only the old names.
+	formatter, reader, producer := "--formatter-property", "--reader-property", "org.apache.kafka.tools.ConsoleProducer"
+	if v, err := exec.Command(kafkaScript(t), "version").Output(); err == nil && strings.HasPrefix(string(v), "3.") {
+		formatter, reader, producer = "--property", "--property", "kafka.tools.ConsoleProducer"
+	}
+
 	// key, event-id header and value, as kafka-console-consumer.sh prints them.
 	out := kafkaTool(t, "", "org.apache.kafka.tools.consumer.ConsoleConsumer",
 		"--bootstrap-server", strings.Join(b.addrs, ","), "--topic", b.topic(topicPayOrder),
 		"--from-beginning", "--max-messages", "1", "--timeout-ms", "30000",
-		"--property", "print.key=true", "--property", "print.headers=true",
-		"--property", "key.separator=|", "--property", "headers.separator=;")
+		formatter, "print.key=true", formatter, "print.headers=true",
+		formatter, "key.separator=|", formatter, "headers.separator=;")
 	line := strings.TrimSpace(out)
 	headers, rest, ok1 := strings.Cut(line, "|")
 	key, value, ok2 := strings.Cut(rest, "|")
@@ -85,8 +92,8 @@ func TestKafkaConsoleToolsSpeakTheContract(t *testing.T) {
 
 	// A result written by kafka-console-producer.sh is applied.
 	kafkaTool(t, o.ID+`|{"order_id": "`+o.ID+`", "status": "FAILED", "reason": "console"}`+"\n",
-		"kafka.tools.ConsoleProducer", "--bootstrap-server", strings.Join(b.addrs, ","),
-		"--topic", b.topic(topicPaymentResults), "--property", "parse.key=true", "--property", "key.separator=|")
+		producer, "--bootstrap-server", strings.Join(b.addrs, ","),
+		"--topic", b.topic(topicPaymentResults), reader, "parse.key=true", reader, "key.separator=|")
 	waitFor(t, 20*time.Second, "the console producer's result applied", func() bool {
 		got := s.getOrder(t, user, o.ID)
 		return got.Status == "FAILED" && got.FailureReason != nil && *got.FailureReason == "console"

@@ -10,7 +10,9 @@
 #   .ci/kafka.sh kill I DIR      SIGKILL node I
 #   .ci/kafka.sh restart I DIR   starts node I again on its kept log
 #   .ci/kafka.sh classpath       the broker's classpath (Kafka's console tools live there too)
+#   .ci/kafka.sh version         the Apache Kafka version it runs
 #
+# KAFKA_VERSION=3.9 runs the 3.9 line (kafka/pom-3.9.xml) instead of the current one (kafka/pom.xml).
 # KAFKA_PORT_BASE (default 19080): node I listens on BASE+10*I+2 (clients, INTERNAL),
 # +3 (controller) and +4 (EXTERNAL), so one node answers on 127.0.0.1:19092.
 # Jars come through Maven into ~/.m2; a second start needs no network and takes seconds.
@@ -18,11 +20,19 @@ set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 repo="$(dirname "$here")"
 base="${KAFKA_PORT_BASE:-19080}"
+pom="$here/kafka/pom.xml"
+[ "${KAFKA_VERSION:-}" = 3.9 ] && pom="$here/kafka/pom-3.9.xml"
+version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
+# Kafka 4 logs through Log4j 2; 3.x through log4j 1 (reload4j).
+case "$version" in
+3.*) logging="-Dlog4j.configuration=file:$here/kafka/log4j.properties" ;;
+*) logging="-Dlog4j2.configurationFile=$here/kafka/log4j2.properties" ;;
+esac
 
 classpath() {
-  local cache="$HOME/.m2/order-service-kafka.classpath"
-  if [ ! -s "$cache" ] || [ "$here/kafka/pom.xml" -nt "$cache" ]; then
-    mvn -q -B -f "$here/kafka/pom.xml" dependency:build-classpath -DincludeScope=runtime \
+  local cache="$HOME/.m2/order-service-kafka-$version.classpath"
+  if [ ! -s "$cache" ] || [ "$pom" -nt "$cache" ]; then
+    mvn -q -B -f "$pom" dependency:build-classpath -DincludeScope=runtime \
       -Dmdep.outputFile="$cache" >&2
   fi
   cat "$cache"
@@ -73,7 +83,7 @@ cluster_id() { sed -n 's/^ *CLUSTER_ID: *\([^ #]*\).*/\1/p' "$repo/compose.yaml"
 start_node() {
   local i=$1 dir=$2 cp
   cp="$(classpath)"
-  java -Xms256m -Xmx768m -Dlog4j.configuration="file:$here/kafka/log4j.properties" -cp "$cp" \
+  java -Xms256m -Xmx768m "$logging" -cp "$cp" \
     kafka.Kafka "$dir/node-$i/server.properties" >>"$dir/node-$i/out.log" 2>&1 &
   echo $! >"$dir/node-$i/pid"
 }
@@ -106,7 +116,7 @@ start)
     mkdir -p "$dir/node-$i"
     props "$n" "$i" "$dir" >"$dir/node-$i/server.properties"
     if [ ! -f "$dir/node-$i/data/meta.properties" ]; then
-      java -Dlog4j.configuration="file:$here/kafka/log4j.properties" -cp "$cp" kafka.tools.StorageTool format \
+      java "$logging" -cp "$cp" kafka.tools.StorageTool format \
         -t "$id" -c "$dir/node-$i/server.properties" >>"$dir/node-$i/out.log" 2>&1
     fi
     start_node "$i" "$dir"
@@ -142,8 +152,11 @@ restart)
 classpath)
   classpath
   ;;
+version)
+  echo "$version"
+  ;;
 *)
-  sed -n '2,17p' "$0" >&2
+  sed -n '2,19p' "$0" >&2
   exit 2
   ;;
 esac
