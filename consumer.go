@@ -68,7 +68,7 @@ func decodePaymentResult(b []byte) (paymentResult, error) {
 	}
 	// A duplicate or a wrongly cased key would make us read another value
 	// than a validator of the contract reads: the sender's fault.
-	if err := checkKeys(b, paymentResultFields, true); err != nil {
+	if err := checkKeys(b, paymentResultFields); err != nil {
 		return p, fmt.Errorf("%w: %w", errPoison, err)
 	}
 	p.OrderID = strings.ToLower(p.OrderID)

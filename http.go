@@ -446,7 +446,7 @@ func decodeOrderInput(body io.Reader) (orderInput, *problem) {
 	if err != nil {
 		return orderInput{}, decodeProblem(err)
 	}
-	if err := checkKeys(b, orderFields, false); err != nil {
+	if err := checkKeys(b, orderFields); err != nil {
 		return orderInput{}, badRequest(err.Error())
 	}
 	amount, p := orderAmount(req.Amount)
