@@ -9,6 +9,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
 	"net/http"
 	"os"
 	"os/exec"
@@ -29,7 +30,7 @@ type kafkaCluster struct {
 	addrs       []string
 }
 
-func startKafkaCluster(t *testing.T) *kafkaCluster {
+func startKafkaCluster(t testing.TB) *kafkaCluster {
 	t.Helper()
 	c := &kafkaCluster{script: kafkaScript(t), dir: t.TempDir(), env: append(os.Environ(), "KAFKA_PORT_BASE=29080")}
 	out := c.run(t, "start", "3", c.dir)
@@ -38,7 +39,7 @@ func startKafkaCluster(t *testing.T) *kafkaCluster {
 	return c
 }
 
-func (c *kafkaCluster) run(t *testing.T, args ...string) string {
+func (c *kafkaCluster) run(t testing.TB, args ...string) string {
 	t.Helper()
 	cmd := exec.Command(c.script, args...)
 	cmd.Env = c.env
@@ -142,6 +143,18 @@ func TestClusterFailures(t *testing.T) {
 		})
 	}
 
+	// KIP-848 (the default protocol): the dead member's session restarts
+	// when a coordinator loads the group, but only its own partitions wait
+	// for it.
+	t.Run("a replica crashes, then the whole cluster restarts", func(t *testing.T) {
+		r := crashThenClusterRestart(t, c, nil)
+		t.Logf("first result applied %s after the cluster took writes again, every result %s after",
+			r.first.Round(time.Millisecond), r.all.Round(time.Millisecond))
+		if r.first > 10*time.Second {
+			t.Errorf("first result applied %s after the cluster took writes again, want within 10s", r.first.Round(time.Millisecond))
+		}
+	})
+
 	t.Run("a rebalance while results flow", func(t *testing.T) {
 		b := c.broker()
 		dbURL := newSchema(t)
@@ -240,13 +253,17 @@ func publishLatencyBound(t *testing.T, baseURL string) string {
 	return "+Inf"
 }
 
-// A replica with a static identity (KAFKA_GROUP_INSTANCE_ID) that crashes and
-// comes back takes its partitions back at once; without one it would wait out
-// the dead member's session timeout (here 60 s).
+// Under the classic protocol, a replica with a static identity
+// (KAFKA_GROUP_INSTANCE_ID) that crashes and comes back takes its partitions
+// back at once; without one it would wait out the dead member's session
+// timeout (here 60 s). Under KIP-848 the broker refuses the identity of a
+// member that crashed until its session ends (UNRELEASED_INSTANCE_ID):
+// docs/design.md, "Consumer group protocols".
 func TestStaticMemberRestartsWithoutWaitingForTheSession(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
 	env := childEnvFor(dbURL, b)
+	env["KAFKA_GROUP_PROTOCOL"] = "classic"
 	env["KAFKA_GROUP_INSTANCE_ID"] = "replica-" + randomHex(4)
 	env["KAFKA_SESSION_TIMEOUT"] = "60s"
 	c := startChild(t, env)
@@ -280,9 +297,22 @@ func wholeClusterReturns(t *testing.T, c *kafkaCluster, produceTimeout string) {
 	// An outage of some seconds, so that the relay is well into its
 	// backoff when the cluster returns: the outage itself is the test.
 	time.Sleep(10 * time.Second)
-	// "Answering again": the first moment a client of the test can
-	// write to some partition of pay-order with acks=all, probed every
-	// 50ms (the probes are not orders: readPayOrders passes them by).
+	answered := firstWrite(t, b)
+	gone := watchDeleted(t, dbURL, ids...)
+	c.run(t, "start", "3", c.dir)
+	readPayOrders(t, b, ids, 60*time.Second)
+	first := gone() // the relay deletes a row once the broker acknowledged its event
+	back := <-answered
+	t.Logf("cluster back: first of 50 events published %s after it answered a producer again", first.Sub(back).Round(time.Millisecond))
+	if d := first.Sub(back); d > time.Second {
+		t.Errorf("first event published %s after the cluster answered again, want within 1s", d.Round(time.Millisecond))
+	}
+}
+
+// firstWrite sends the first moment a client of the test can write to some
+// partition of pay-order with acks=all, probed every 50ms from now on (the
+// probes are not orders: readPayOrders passes them by).
+func firstWrite(t testing.TB, b *broker) <-chan time.Time {
 	answered := make(chan time.Time, 1)
 	go func() {
 		for {
@@ -311,13 +341,109 @@ func wholeClusterReturns(t *testing.T, c *kafkaCluster, produceTimeout string) {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}()
-	gone := watchDeleted(t, dbURL, ids...)
+	return answered
+}
+
+// groupRecovery is what crashThenClusterRestart measured, from the moment the
+// cluster took writes again: when the surviving replica applied its first
+// payment result, and when every result was applied (the dead replica's
+// partitions included).
+type groupRecovery struct{ first, all time.Duration }
+
+// crashThenClusterRestart runs two replicas in one group with extra settings,
+// SIGKILLs one, stops the whole cluster at once (before the dead member's
+// session can end) and starts it again; then it writes three payment results
+// to each partition of payment-results.
+func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]string) groupRecovery {
+	t.Helper()
+	b := c.broker()
+	dbURL := newSchema(t)
+	var replicas [2]*child
+	for i := range replicas {
+		env := childEnvFor(dbURL, b)
+		maps.Copy(env, extra)
+		if id := env["KAFKA_GROUP_INSTANCE_ID"]; id != "" {
+			env["KAFKA_GROUP_INSTANCE_ID"] = fmt.Sprintf("%s-%d", id, i)
+		}
+		replicas[i] = startChild(t, env)
+		replicas[i].waitReady(t)
+	}
+	user := newUser()
+	ids := make([]string, 0, 100)
+	for range cap(ids) {
+		ids = append(ids, do(t, "POST", replicas[1].url+"/orders", `{"amount": 5}`, "X-User-Id", user).order(t).ID)
+	}
+	readPayOrders(t, b, ids, 30*time.Second)
+	// Results one at a time until each replica has applied one: both own
+	// partitions.
+	applied := func(c *child) float64 { return metric(t, c.url, `payment_results_applied_total{status="PAID"}`) }
+	next := 0
+	waitFor(t, 60*time.Second, "both replicas applying results", func() bool {
+		produce(t, b, b.topic(topicPaymentResults), ids[next], `{"order_id": "`+ids[next]+`", "status": "PAID"}`)
+		next++
+		return next == 90 || applied(replicas[0]) > 0 && applied(replicas[1]) > 0
+	})
+	if next == 90 {
+		t.Fatalf("after %d results one replica had applied none", next)
+	}
+
+	replicas[0].kill(t)
+	c.run(t, "stop", c.dir)
+	answered := firstWrite(t, b)
 	c.run(t, "start", "3", c.dir)
-	readPayOrders(t, b, ids, 60*time.Second)
-	first := gone() // the relay deletes a row once the broker acknowledged its event
 	back := <-answered
-	t.Logf("cluster back: first of 50 events published %s after it answered a producer again", first.Sub(back).Round(time.Millisecond))
-	if d := first.Sub(back); d > time.Second {
-		t.Errorf("first event published %s after the cluster answered again, want within 1s", d.Round(time.Millisecond))
+
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.RecordPartitioner(kgo.ManualPartitioner()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	last := ids[next : next+9]
+	for i, id := range last {
+		r := &kgo.Record{Topic: b.topic(topicPaymentResults), Partition: int32(i % 3), Key: []byte(id),
+			Value: []byte(`{"order_id": "` + id + `", "status": "PAID"}`)}
+		cl.Produce(context.Background(), r, func(_ *kgo.Record, err error) {
+			if err != nil {
+				t.Errorf("produce: %v", err)
+			}
+		})
+	}
+	var r groupRecovery
+	paid := func() int {
+		return count(t, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID' AND id = ANY($1)`, last)
+	}
+	waitFor(t, 120*time.Second, "a result applied after the restart", func() bool {
+		if paid() > 0 && r.first == 0 {
+			r.first = time.Since(back)
+		}
+		return r.first > 0
+	})
+	waitFor(t, 180*time.Second, "every result applied after the restart", func() bool { return paid() == len(last) })
+	r.all = time.Since(back)
+	return r
+}
+
+// BenchmarkGroupRecovery measures crashThenClusterRestart for each group
+// protocol and setting (docs/performance.md). It needs KAFKA_SCRIPT and takes
+// minutes: run with -benchtime=1x.
+func BenchmarkGroupRecovery(b *testing.B) {
+	c := startKafkaCluster(b)
+	for _, s := range []struct {
+		name string
+		env  map[string]string
+	}{
+		{"consumer", map[string]string{"KAFKA_GROUP_PROTOCOL": "consumer"}},
+		{"classic", map[string]string{"KAFKA_GROUP_PROTOCOL": "classic", "KAFKA_SESSION_TIMEOUT": "45s"}},
+		{"classic_static", map[string]string{"KAFKA_GROUP_PROTOCOL": "classic", "KAFKA_SESSION_TIMEOUT": "45s",
+			"KAFKA_GROUP_INSTANCE_ID": "replica-" + randomHex(4)}},
+		{"classic_session_10s", map[string]string{"KAFKA_GROUP_PROTOCOL": "classic", "KAFKA_SESSION_TIMEOUT": "10s"}},
+	} {
+		b.Run(s.name, func(b *testing.B) {
+			for range b.N {
+				r := crashThenClusterRestart(b, c, s.env)
+				b.ReportMetric(r.first.Seconds(), "s_first_result")
+				b.ReportMetric(r.all.Seconds(), "s_all_results")
+			}
+		})
 	}
 }

@@ -100,6 +100,12 @@ func clip(s string, n int) string {
 	return strings.ToValidUTF8(s[:n], "") + "…"
 }
 
+// KAFKA_GROUP_PROTOCOL's values, named as Kafka's group.protocol names them.
+const (
+	groupProtocolConsumer = "consumer" // KIP-848, Kafka 4.0 and later
+	groupProtocolClassic  = "classic"
+)
+
 type consumer struct {
 	db       *pgxpool.Pool
 	group    *kgo.Client // consumes payment-results in the service's group
@@ -108,32 +114,46 @@ type consumer struct {
 	log      *slog.Logger
 	metrics  *metrics
 	pollHold time.Duration // see pollHold; 0: never give a poll back
+	// rebalanceWanted holds a token while a rebalance of the group waits
+	// for the poll in hand (kgo's OnPartitionsCallbackBlocked).
+	rebalanceWanted chan struct{}
 }
 
-// newConsumerClient configures the group member. Offsets are committed only
-// for marked records, and a record is marked only after the transaction that
+// newConsumer configures the group member. Offsets are committed only for
+// marked records, and a record is marked only after the transaction that
 // applied it has committed: a crash in between redelivers the record, and the
 // conditional UPDATE makes that redelivery a no-op.
-func newConsumerClient(brokers []string, group, topic string, log *slog.Logger,
-	sessionTimeout, rebalanceTimeout time.Duration, instanceID string) (*kgo.Client, error) {
+func newConsumer(brokers []string, cfg config, log *slog.Logger, db *pgxpool.Pool, producer *kgo.Client, m *metrics) (*consumer, error) {
+	c := &consumer{db: db, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m,
+		pollHold: pollHold(cfg.RebalanceTimeout), rebalanceWanted: make(chan struct{}, 1)}
+	owned := &m.partitionsOwned
+	count := func(ps map[string][]int32) (n int64) {
+		for _, p := range ps {
+			n += int64(len(p))
+		}
+		return n
+	}
 	opts := []kgo.Opt{
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("order-service"),
-		kgo.ConsumerGroup(group),
-		kgo.ConsumeTopics(topic),
-		// A member that crashed holds its partitions until this timeout;
-		// a restarted replica waits that long for them, unless it has a
-		// static identity (KIP-345): then it takes them back at once.
-		kgo.SessionTimeout(sessionTimeout),
-		// How long the group waits for every member to rejoin; a member
-		// that does not is dropped. The consumer never holds a poll for
-		// more than a quarter of it (pollHold).
-		kgo.RebalanceTimeout(rebalanceTimeout),
+		kgo.ConsumerGroup(cfg.topic(consumerGroup)),
+		kgo.ConsumeTopics(cfg.topic(topicPaymentResults)),
+		// Classic protocol: a member that crashed holds its partitions
+		// until this timeout, and a restarted replica waits that long for
+		// them unless it has a static identity (KIP-345). Under KIP-848
+		// the broker sets it (group.consumer.session.timeout.ms).
+		kgo.SessionTimeout(cfg.SessionTimeout),
+		// How long the group waits for a member to give partitions up or
+		// rejoin; a member that does not is dropped. The consumer never
+		// holds a poll for more than a quarter of it (pollHold).
+		kgo.RebalanceTimeout(cfg.RebalanceTimeout),
 		kgo.AutoCommitMarks(),
 		// Polls and rebalances exclude each other, so a commit never
 		// crosses a rebalance; run calls AllowRebalance after each poll.
 		kgo.BlockRebalanceOnPoll(),
-		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, _ map[string][]int32) {
+		kgo.OnPartitionsAssigned(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) { owned.Add(count(ps)) }),
+		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, ps map[string][]int32) {
+			owned.Add(-count(ps))
 			// The new owner starts from what we commit here. Bounded: a
 			// group that is rebalancing again may never answer, and
 			// leaving the group (shutdown) waits for this callback.
@@ -143,36 +163,75 @@ func newConsumerClient(brokers []string, group, topic string, log *slog.Logger,
 				log.WarnContext(ctx, "consumer: commit on revoke failed", "err", err)
 			}
 		}),
-		// OnPartitionsLost is left alone: the partitions are someone
-		// else's already and a commit would fail or rewind theirs.
+		// No commit when partitions are lost: they are someone else's
+		// already and a commit would fail or rewind theirs.
+		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) { owned.Add(-count(ps)) }),
+		// A rebalance waits for the poll in hand: see consumer.retry.
+		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) {
+			select {
+			case c.rebalanceWanted <- struct{}{}:
+			default:
+			}
+		}),
 	}
-	if instanceID != "" {
-		opts = append(opts, kgo.InstanceID(instanceID))
+	if cfg.GroupProtocol == groupProtocolConsumer {
+		// KIP-848: the coordinator assigns partitions and moves them one
+		// member at a time; no member waits for another, so a member
+		// that died stalls only its own partitions, never the group.
+		// kgo uses it with a sticky or range balancer first; on a broker
+		// without it (before Kafka 4.0) kgo falls back to the classic
+		// protocol, where a group of such members agrees on the eager
+		// sticky assignor, and a member of an older release still
+		// offering only cooperative-sticky keeps the group on that.
+		opts = append(opts, kgo.ServerSideBalancer(),
+			kgo.Balancers(kgo.StickyBalancer(), kgo.CooperativeStickyBalancer()))
 	}
-	return kgo.NewClient(opts...)
+	if cfg.InstanceID != "" {
+		opts = append(opts, kgo.InstanceID(cfg.InstanceID))
+	}
+	var err error
+	c.group, err = kgo.NewClient(opts...)
+	return c, err
 }
 
 // consumerLag is the group's lag on topic per partition: the log end less the
-// committed offset (the whole partition when nothing is committed yet).
+// committed offset (the whole partition when nothing is committed yet). It
+// reads offsets only, never the group's description, which each protocol
+// answers through an API of its own.
 func consumerLag(ctx context.Context, cl *kgo.Client, group, topic string) (map[int32]int64, error) {
-	lags, err := kadm.NewClient(cl).Lag(ctx, group)
+	adm := kadm.NewClient(cl)
+	committed, err := adm.FetchOffsets(ctx, group)
+	if err == nil {
+		err = committed.Error()
+	}
 	if err != nil {
-		return nil, fmt.Errorf("consumer lag: %w", err)
+		return nil, fmt.Errorf("consumer lag: committed offsets: %w", err)
 	}
-	l, ok := lags[group]
-	if !ok {
-		return nil, fmt.Errorf("consumer lag: group %s not described", group)
+	ends, err := adm.ListEndOffsets(ctx, topic)
+	if err == nil {
+		err = ends.Error()
 	}
-	if err := l.Error(); err != nil {
-		return nil, fmt.Errorf("consumer lag: %w", err)
+	if err != nil {
+		return nil, fmt.Errorf("consumer lag: end offsets: %w", err)
+	}
+	starts, err := adm.ListStartOffsets(ctx, topic)
+	if err == nil {
+		err = starts.Error()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("consumer lag: start offsets: %w", err)
 	}
 	out := map[int32]int64{}
-	for p, pl := range l.Lag[topic] {
-		if pl.Err != nil {
-			return nil, fmt.Errorf("consumer lag of partition %d: %w", p, pl.Err)
+	ends.Each(func(end kadm.ListedOffset) {
+		from := int64(0)
+		if start, ok := starts.Lookup(topic, end.Partition); ok {
+			from = start.Offset
 		}
-		out[p] = pl.Lag
-	}
+		if c, ok := committed.Lookup(topic, end.Partition); ok && c.At >= 0 {
+			from = c.At
+		}
+		out[end.Partition] = max(0, end.Offset-from)
+	})
 	return out, nil
 }
 
@@ -189,7 +248,7 @@ func (c *consumer) run(ctx, abort context.Context) {
 	for {
 		fetches := c.group.PollRecords(ctx, 1000)
 		if fetches.IsClientClosed() || ctx.Err() != nil {
-			c.group.AllowRebalance()
+			c.allowRebalance()
 			return
 		}
 		fetches.EachError(func(topic string, p int32, err error) {
@@ -198,18 +257,18 @@ func (c *consumer) run(ctx, abort context.Context) {
 		if recs := fetches.Records(); len(recs) > 0 {
 			err := c.processPoll(ctx, recs)
 			if errors.Is(err, errPollReleased) {
-				// The poll held past pollHold: give it back, so that
-				// a rebalance waiting for it can go on, and wait
-				// before it is fetched again.
+				// The poll failed while a rebalance waited, or for
+				// pollHold: give it back, so that the rebalance can
+				// go on, and wait before it is fetched again.
 				c.rewind(recs)
-				c.group.AllowRebalance()
+				c.allowRebalance()
 				sleep(ctx, time.Second)
 				continue
 			}
 			if err != nil {
 				// Only shutdown stops processing; the poll stays
 				// unmarked and is redelivered to the next owner.
-				c.group.AllowRebalance()
+				c.allowRebalance()
 				return
 			}
 			c.group.MarkCommitRecords(recs...)
@@ -221,7 +280,17 @@ func (c *consumer) run(ctx, abort context.Context) {
 			}
 			cancel()
 		}
-		c.group.AllowRebalance()
+		c.allowRebalance()
+	}
+}
+
+// allowRebalance lets a rebalance waiting for the poll go on; a signal that
+// it waited (rebalanceWanted) is then stale.
+func (c *consumer) allowRebalance() {
+	c.group.AllowRebalance()
+	select {
+	case <-c.rebalanceWanted:
+	default:
 	}
 }
 
@@ -389,24 +458,41 @@ func (c *consumer) apply(ctx context.Context, items []item) (map[string]time.Tim
 // BlockRebalanceOnPoll every rebalance of the group waits for it: a database
 // down for minutes would block the group for minutes, and a replica that
 // could apply results (its own database up, or a new one) would get none.
+// A rebalance that is waiting says so (rebalanceWanted), and the poll is
+// given back at once; pollHold bounds the hold when nothing says so.
 func pollHold(rebalanceTimeout time.Duration) time.Duration {
 	return min(5*time.Second, rebalanceTimeout/4)
 }
 
-// errPollReleased: the poll's records failed for pollHold; they are given
-// back, to be fetched again.
+// errPollReleased: the poll's records failed while a rebalance waited for
+// them, or for pollHold; they are given back, to be fetched again.
 var errPollReleased = errors.New("poll released")
 
-// retry runs step until it succeeds, fails permanently (errPoison), has
-// failed for pollHold (errPollReleased), or ctx ends. Each try has its own
-// deadline, so a hung database or broker is a failure to retry, not a stuck
-// partition.
+// retry runs step until it succeeds, fails permanently (errPoison), fails
+// while a rebalance waits or for pollHold (errPollReleased), or ctx ends.
+// Each try has its own deadline, so a hung database or broker is a failure to
+// retry, not a stuck partition. Only a poll that has failed is given back for
+// a rebalance: a healthy try is never cut short.
 func (c *consumer) retry(ctx context.Context, what string, step func(context.Context) error) error {
+	waiting, release := context.WithCancel(ctx)
+	defer release()
+	go func() {
+		select {
+		case <-c.rebalanceWanted:
+			release()
+		case <-waiting.Done():
+		}
+	}()
 	var failing time.Time
 	released := false
-	err := retry(ctx, func(ctx context.Context) error {
+	err := retry(waiting, func(context.Context) error {
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
+		if !failing.IsZero() {
+			// Failing already, a try waits on a database that may not
+			// answer for long: a waiting rebalance ends it too.
+			defer context.AfterFunc(waiting, cancel)()
+		}
 		return step(ctx)
 	}, func(err error, wait time.Duration) bool {
 		if errors.Is(err, errPoison) {
@@ -415,7 +501,7 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		if failing.IsZero() {
 			failing = time.Now()
 		}
-		if c.pollHold > 0 && time.Since(failing) >= c.pollHold {
+		if rebalanceWaits(ctx, waiting) || c.pollHold > 0 && time.Since(failing) >= c.pollHold {
 			released = true
 			c.log.WarnContext(ctx, "consumer: "+what+" failing; giving the poll back, its records will be fetched again",
 				repeatsKey, "consumer: poll released", "err", err)
@@ -428,10 +514,18 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		c.log.Log(ctx, level, "consumer: "+what+" failed, retrying", "err", err, "retry_in", wait)
 		return true
 	})
+	if err != nil && !released && rebalanceWaits(ctx, waiting) {
+		released = true // the rebalance came during the wait after a failure
+	}
 	if released {
 		return fmt.Errorf("%w: %w", errPollReleased, err)
 	}
 	return err
+}
+
+// rebalanceWaits: waiting ended for a rebalance, not because ctx did.
+func rebalanceWaits(ctx, waiting context.Context) bool {
+	return waiting.Err() != nil && ctx.Err() == nil
 }
 
 // rewind sets each partition of recs back to its first record in them, so

@@ -160,6 +160,8 @@ func newBroker(t testing.TB, faults bool) *broker {
 			return g, nil
 		}),
 		kfake.SeedTopics(3, prefix+topicPayOrder, prefix+topicPaymentResults, prefix+topicPaymentDLQ),
+		// The KIP-848 session, as short as the classic one of serviceEnv.
+		kfake.BrokerConfigs(map[string]string{"group.consumer.session.timeout.ms": "6000"}),
 	)
 	if err != nil {
 		t.Fatalf("kfake: %v", err)
@@ -705,4 +707,33 @@ func schemaWithTables(t testing.TB) (schema, dbURL string, db *pgxpool.Pool) {
 		t.Fatal(err)
 	}
 	return schema, dbURL, db
+}
+
+// groupMembers is the number of members of a consumer group and its state,
+// whichever protocol it runs.
+func groupMembers(t testing.TB, adm *kadm.Client, group string) (int, string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if next, err := adm.DescribeConsumerGroups(ctx, group); err == nil && next[group].Err == nil {
+		return len(next[group].Members), next[group].State
+	}
+	classic, err := adm.DescribeGroups(ctx, group)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(classic[group].Members), classic[group].State
+}
+
+// waitOwning waits until each replica owns a partition of payment-results.
+func waitOwning(t testing.TB, urls ...string) {
+	t.Helper()
+	waitFor(t, 60*time.Second, "each replica owning a partition of payment-results", func() bool {
+		for _, u := range urls {
+			if metric(t, u, "payment_results_partitions_owned") == 0 {
+				return false
+			}
+		}
+		return true
+	})
 }

@@ -16,7 +16,7 @@ import (
 
 // kafkaScript is .ci/kafka.sh when KAFKA_SCRIPT names it: the tests that need
 // Kafka's own programs (console tools, a 3-node cluster) run only then.
-func kafkaScript(t *testing.T) string {
+func kafkaScript(t testing.TB) string {
 	t.Helper()
 	s := os.Getenv("KAFKA_SCRIPT")
 	if s == "" {

@@ -71,6 +71,7 @@ type config struct {
 	SessionTimeout    time.Duration
 	RebalanceTimeout  time.Duration
 	InstanceID        string
+	GroupProtocol     string
 	CreateBatchMax    int
 	CreateWriters     int
 	PprofAddr         string
@@ -105,6 +106,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		SessionTimeout:    e.dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
 		RebalanceTimeout:  e.dur("KAFKA_REBALANCE_TIMEOUT", 60*time.Second),
 		InstanceID:        e.str("KAFKA_GROUP_INSTANCE_ID", ""),
+		GroupProtocol:     e.oneOf("KAFKA_GROUP_PROTOCOL", groupProtocolConsumer, groupProtocolClassic),
 		CreateBatchMax:    e.num("CREATE_BATCH_MAX", 64, 1, 1000),
 		CreateWriters:     e.num("CREATE_WRITERS", 2, 1, 64),
 		PprofAddr:         e.str("PPROF_ADDR", ""),
@@ -239,8 +241,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		return fmt.Errorf("kafka producer: %w", err)
 	}
 	defer closeBefore(&stopBy, producer.Close)
-	group, err := newConsumerClient(brokers, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults), log,
-		cfg.SessionTimeout, cfg.RebalanceTimeout, cfg.InstanceID)
+	c, err := newConsumer(brokers, cfg, log, db, producer, newMetrics())
 	if err != nil {
 		return fmt.Errorf("kafka consumer: %w", err)
 	}
@@ -249,7 +250,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 	tcp, err := net.Listen("tcp", cfg.HTTPAddr)
 	if err != nil {
-		group.Close()
+		c.group.Close()
 		return fmt.Errorf("listen: %w", err)
 	}
 	maxConns, maxStreams := fdLimits(cfg.StreamsMax)
@@ -259,7 +260,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 	ln := newLimitListener(tcp, maxConns)
 
-	p := start(ctx, cfg, log, db, brokers, producer, group, maxStreams)
+	p := start(ctx, cfg, log, db, brokers, producer, c, maxStreams)
 	p.metrics.conns = ln
 	log.Info("http server listening", "addr", ln.Addr().String())
 	srvErr := make(chan error, 1)
@@ -301,9 +302,9 @@ type program struct {
 // start wires the service's parts and starts its workers; the server is
 // returned ready to serve.
 func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, brokers []string,
-	producer, group *kgo.Client, maxStreams int) *program {
-	m := newMetrics()
-	p := &program{cfg: cfg, log: log, producer: producer, group: group, metrics: m}
+	producer *kgo.Client, c *consumer, maxStreams int) *program {
+	m := c.metrics
+	p := &program{cfg: cfg, log: log, producer: producer, group: c.group, metrics: m}
 	m.consumerLag = func(ctx context.Context) (map[int32]int64, error) {
 		return consumerLag(ctx, producer, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults))
 	}
@@ -332,8 +333,6 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
 		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout}
 	wg.Go(func() { r.run(workCtx, abortCtx) })
-	c := &consumer{db: db, group: group, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m,
-		pollHold: pollHold(cfg.RebalanceTimeout)}
 	wg.Go(func() { c.run(workCtx, abortCtx) })
 	if cfg.DemoPayments {
 		log.Info("demo payments on: orders up to the limit are PAID, larger ones FAILED", "limit", demoPaymentLimit)

@@ -28,6 +28,7 @@ type metrics struct {
 	resultsPaid       atomic.Int64
 	resultsFailed     atomic.Int64
 	resultsIgnored    atomic.Int64
+	partitionsOwned   atomic.Int64 // of payment-results, by this group member
 	deadLettered      [len(dlqReasons)]atomic.Int64
 
 	// The pipeline, from an order's commit to its result.
@@ -199,6 +200,8 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 		"payment_results_applied_total{status=\"PAID\"} %d\npayment_results_applied_total{status=\"FAILED\"} %d\n",
 		m.resultsPaid.Load(), m.resultsFailed.Load())
 	counter("payment_results_ignored_total", "Duplicate or conflicting payment results that changed nothing.", m.resultsIgnored.Load())
+	fmt.Fprintf(w, "# HELP payment_results_partitions_owned Partitions of payment-results assigned to this replica by the consumer group.\n"+
+		"# TYPE payment_results_partitions_owned gauge\npayment_results_partitions_owned %d\n", m.partitionsOwned.Load())
 	fmt.Fprintf(w, "# HELP payment_results_dlq_total Payment results sent to the dead-letter topic, by reason: invalid (not a payment result), unknown_order, refused (by the database).\n"+
 		"# TYPE payment_results_dlq_total counter\n")
 	for i, reason := range dlqReasons {
@@ -280,7 +283,7 @@ func (m *metrics) writeStreams(w io.Writer) {
 
 // writeLag writes the consumer group's lag on payment-results: records
 // written and not yet committed, per partition, from the group's committed
-// offsets and the log end (two requests to the broker).
+// offsets and the log's start and end (three requests to the broker).
 func (m *metrics) writeLag(ctx context.Context, w io.Writer) {
 	if m.consumerLag == nil {
 		return
