@@ -6,6 +6,7 @@ package main
 // promoted, as an operator or a failover manager would.
 
 import (
+	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -230,7 +231,7 @@ func TestPostgresFailoverSettlesALostCommitOnThePromotedStandby(t *testing.T) {
 	user := newUser()
 	warm := s.createOrder(t, user, 1) // the pool is up, through the cutter
 
-	cut.arm()
+	cut.arm("lost-commit")
 	answer := make(chan response, 1)
 	go func() {
 		answer <- do(t, "POST", s.url+"/orders", `{"amount": 8}`, "X-User-Id", user, "Idempotency-Key", "lost-commit")
@@ -259,14 +260,15 @@ func TestPostgresFailoverSettlesALostCommitOnThePromotedStandby(t *testing.T) {
 	settle(t, b, newPrimary, []string{warm.ID, o.ID})
 }
 
-// commitCutter forwards connections to a PostgreSQL server. Once armed, the
-// first connection on which the server answers a COMMIT ("CommandComplete
-// COMMIT": the transaction committed, on the standby too) gets nothing more
-// from the server: that answer and all after it are dropped, and the
-// client's side stays open, silent, until breakHeld.
+// commitCutter forwards connections to a PostgreSQL server. Once armed with
+// a marker, the first connection that sends the marker (an order's
+// Idempotency-Key, among the statement's parameters) and is then answered a
+// COMMIT (CommandComplete "COMMIT": the transaction committed, on the
+// standby too) gets nothing more from the server: that answer and all after
+// it are dropped, and the client's side stays open, silent, until breakHeld.
 type commitCutter struct {
 	p         *tcpProxy
-	armed     atomic.Bool
+	marker    atomic.Pointer[[]byte]
 	committed chan struct{}
 	held      chan net.Conn
 }
@@ -289,7 +291,10 @@ func newCommitCutter(t *testing.T, server string) *commitCutter {
 }
 
 func (c *commitCutter) addr() string { return c.p.ln.Addr().String() }
-func (c *commitCutter) arm()         { c.armed.Store(true) }
+func (c *commitCutter) arm(marker string) {
+	b := []byte(marker)
+	c.marker.Store(&b)
+}
 
 // breakHeld closes the held client connection.
 func (c *commitCutter) breakHeld() { (<-c.held).Close() }
@@ -299,7 +304,20 @@ func (c *commitCutter) pipe(client net.Conn) {
 	if !ok {
 		return
 	}
-	go func() { io.Copy(server, client); server.Close() }()
+	var marked atomic.Bool
+	go func() {
+		buf := make([]byte, 32<<10)
+		for {
+			n, err := client.Read(buf)
+			if m := c.marker.Load(); m != nil && bytes.Contains(buf[:n], *m) {
+				marked.Store(true) // before the server can answer it
+			}
+			if _, werr := server.Write(buf[:n]); werr != nil || err != nil {
+				server.Close()
+				return
+			}
+		}
+	}()
 	// Server to client, one message at a time (sslmode=disable: every
 	// message is a type byte and a length).
 	r := &msgReader{r: server}
@@ -309,7 +327,7 @@ func (c *commitCutter) pipe(client net.Conn) {
 			client.Close()
 			return
 		}
-		if typ == 'C' && string(body) == "COMMIT\x00" && c.armed.CompareAndSwap(true, false) {
+		if typ == 'C' && string(body) == "COMMIT\x00" && marked.Load() && c.marker.Swap(nil) != nil {
 			close(c.committed)
 			c.held <- client
 			io.Copy(io.Discard, server) // until the server dies
