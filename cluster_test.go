@@ -375,8 +375,10 @@ func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]str
 		ids = append(ids, do(t, "POST", replicas[1].url+"/orders", `{"amount": 5}`, "X-User-Id", user).order(t).ID)
 	}
 	readPayOrders(t, b, ids, 30*time.Second)
-	// Results one at a time until each replica has applied one: both own
-	// partitions.
+	// Under KIP-848 the second replica gets partitions a heartbeat or two
+	// after it joins. Then results one at a time until each replica has
+	// applied one.
+	waitOwning(t, replicas[0].url, replicas[1].url)
 	applied := func(c *child) float64 { return metric(t, c.url, `payment_results_applied_total{status="PAID"}`) }
 	next := 0
 	waitFor(t, 60*time.Second, "both replicas applying results", func() bool {
