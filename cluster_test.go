@@ -41,17 +41,7 @@ func startKafkaCluster(t testing.TB) *kafkaCluster {
 
 func (c *kafkaCluster) run(t testing.TB, args ...string) string {
 	t.Helper()
-	cmd := exec.Command(c.script, args...)
-	cmd.Env = c.env
-	out, err := cmd.Output()
-	if err != nil {
-		var stderr []byte
-		if ee, ok := err.(*exec.ExitError); ok {
-			stderr = ee.Stderr
-		}
-		t.Fatalf("%s %v: %v\n%s%s", c.script, args, err, out, stderr)
-	}
-	return string(out)
+	return runScript(t, c.env, c.script, args...)
 }
 
 // broker is the cluster as the other tests' helpers see it.

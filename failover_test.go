@@ -14,7 +14,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -23,7 +22,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/twmb/franz-go/pkg/kgo"
 )
 
 // pgPair is a primary and its synchronous standby of this test.
@@ -65,15 +63,7 @@ func startPostgresPair(t *testing.T) *pgPair {
 
 func (p *pgPair) run(t *testing.T, cmd string) string {
 	t.Helper()
-	out, err := exec.Command(p.script, cmd, p.dir).Output()
-	if err != nil {
-		var stderr []byte
-		if ee, ok := err.(*exec.ExitError); ok {
-			stderr = ee.Stderr
-		}
-		t.Fatalf("%s %s: %v\n%s%s", p.script, cmd, err, out, stderr)
-	}
-	return string(out)
+	return runScript(t, os.Environ(), p.script, cmd, p.dir)
 }
 
 // url is the test database on hosts: one host:port, or several,
@@ -194,25 +184,14 @@ func TestPostgresFailoverLosesNoAcknowledgedOrder(t *testing.T) {
 		}
 		seen[r.OrderID] = true
 	}
-	settle(t, b, newPrimary, load.ids)
+	payAndWait(t, b, newPrimary, load.ids)
 }
 
-// settle sends a PAID result for every id and waits until each is applied.
-func settle(t *testing.T, b *broker, dbURL string, ids []string) {
+// payAndWait sends a PAID result for every id and waits until each is
+// applied on the database of dbURL.
+func payAndWait(t *testing.T, b *broker, dbURL string, ids []string) {
 	t.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	var recs []*kgo.Record
-	for _, id := range ids {
-		recs = append(recs, &kgo.Record{Topic: b.topic(topicPaymentResults), Key: []byte(id),
-			Value: []byte(`{"order_id": "` + id + `", "status": "PAID"}`)})
-	}
-	if err := cl.ProduceSync(context.Background(), recs...).FirstErr(); err != nil {
-		t.Fatal(err)
-	}
+	producePaid(t, b, ids...)
 	waitFor(t, 60*time.Second, "every acknowledged order PAID on the new primary", func() bool {
 		return count(t, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID' AND id = ANY($1::uuid[])`, ids) == len(ids)
 	})
@@ -257,7 +236,7 @@ func TestPostgresFailoverSettlesALostCommitOnThePromotedStandby(t *testing.T) {
 		t.Errorf("order %s not on the new primary", o.ID)
 	}
 	readPayOrders(t, b, []string{warm.ID, o.ID}, 30*time.Second)
-	settle(t, b, newPrimary, []string{warm.ID, o.ID})
+	payAndWait(t, b, newPrimary, []string{warm.ID, o.ID})
 }
 
 // commitCutter forwards connections to a PostgreSQL server. Once armed with

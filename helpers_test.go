@@ -19,6 +19,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"os/exec"
 	"regexp"
 	"strings"
 	"sync"
@@ -449,20 +450,56 @@ func readPayOrders(t testing.TB, b *broker, want []string, timeout time.Duration
 
 func produce(t testing.TB, b *broker, topic, key string, values ...string) {
 	t.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
 	var recs []*kgo.Record
 	for _, v := range values {
 		recs = append(recs, &kgo.Record{Topic: topic, Key: []byte(key), Value: []byte(v)})
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	produceRecords(t, b, recs...)
+}
+
+// producePaid writes a PAID payment result for each id.
+func producePaid(t testing.TB, b *broker, ids ...string) {
+	t.Helper()
+	var recs []*kgo.Record
+	for _, id := range ids {
+		recs = append(recs, &kgo.Record{Topic: b.topic(topicPaymentResults), Key: []byte(id),
+			Value: []byte(`{"order_id": "` + id + `", "status": "PAID"}`)})
+	}
+	produceRecords(t, b, recs...)
+}
+
+// produceRecords writes records as they are, with a client that accepts
+// batches up to the broker's own limit (1 MiB), larger than the service's.
+func produceRecords(t testing.TB, b *broker, recs ...*kgo.Record) {
+	t.Helper()
+	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.ProducerBatchMaxBytes(1_048_000))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cl.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
-		t.Fatalf("produce to %s: %v", topic, err)
+		t.Fatalf("produce: %v", err)
 	}
+}
+
+// runScript runs one of the repository's scripts (.ci/kafka.sh,
+// .ci/postgres.sh) and returns its output; a failure ends the test with the
+// script's stderr.
+func runScript(t testing.TB, env []string, script string, args ...string) string {
+	t.Helper()
+	cmd := exec.Command(script, args...)
+	cmd.Env = env
+	out, err := cmd.Output()
+	if err != nil {
+		var stderr []byte
+		if ee, ok := err.(*exec.ExitError); ok {
+			stderr = ee.Stderr
+		}
+		t.Fatalf("%s %v: %v\n%s%s", script, args, err, out, stderr)
+	}
+	return string(out)
 }
 
 // count runs a count query on the test database.

@@ -30,22 +30,6 @@ import (
 	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
-// produceRecords writes records as they are, with a client that accepts
-// batches up to the broker's own limit (1 MiB), larger than the service's.
-func produceRecords(t testing.TB, b *broker, recs ...*kgo.Record) {
-	t.Helper()
-	cl, err := kgo.NewClient(kgo.SeedBrokers(b.addrs...), kgo.ProducerBatchMaxBytes(1_048_000))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer cl.Close()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	if err := cl.ProduceSync(ctx, recs...).FirstErr(); err != nil {
-		t.Fatalf("produce: %v", err)
-	}
-}
-
 // A hostile Payment Service, all on one partition, ahead of a valid result:
 // every record is applied or dead-lettered, and the valid one behind them all
 // is applied.
