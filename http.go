@@ -356,7 +356,7 @@ func handleReadyz(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client) http.Ha
 		var mu sync.Mutex
 		check := func(name string, ping func(context.Context) error) {
 			if err := ping(ctx); err != nil {
-				log.WarnContext(ctx, "not ready", repeatsKey, "not ready "+name, "dependency", name, "err", err)
+				log.WarnContext(ctx, "not ready", repeatsKey, repeatsOf("not ready "+name, err), "dependency", name, "err", err)
 				mu.Lock()
 				checks[name], code = "unavailable", http.StatusServiceUnavailable
 				mu.Unlock()
@@ -598,7 +598,7 @@ func writeDBError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err 
 		return // the client went away
 	}
 	if dbTransient(err) {
-		log.WarnContext(r.Context(), "database unavailable", repeatsKey, "database unavailable", "route", r.Pattern, "err", err)
+		log.WarnContext(r.Context(), "database unavailable", repeatsKey, repeatsOf("database unavailable", err), "route", r.Pattern, "err", err)
 		w.Header().Set("Retry-After", "1")
 		detail := "the database is unavailable; retry later"
 		if errors.Is(err, errCommitOutcomeUnknown) {

@@ -9,9 +9,12 @@ package main
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"sync"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // repeatInterval is how often a repeated failure is written at most.
@@ -81,4 +84,16 @@ func (h quietHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
 
 func (h quietHandler) WithGroup(name string) slog.Handler {
 	return quietHandler{Handler: h.Handler.WithGroup(name), state: h.state}
+}
+
+// repeatsOf names a failure for quietHandler: what failed, and whether the
+// database is read-only, a state of its own (a failover under way) that an
+// operator must see as soon as it begins, however recently the same thing
+// failed otherwise.
+func repeatsOf(what string, err error) string {
+	var pgErr *pgconn.PgError
+	if errors.Is(err, errReadOnly) || errors.As(err, &pgErr) && pgErr.Code == "25006" {
+		return what + " (read-only)"
+	}
+	return what
 }
