@@ -515,7 +515,9 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		return true
 	})
 	if err != nil && !released && rebalanceWaits(ctx, waiting) {
-		released = true // the rebalance came during the wait after a failure
+		released = true // the rebalance came during a try or the wait after a failure
+		c.log.WarnContext(ctx, "consumer: "+what+" failing; giving the poll back for a rebalance, its records will be fetched again",
+			repeatsKey, "consumer: poll released", "err", err)
 	}
 	if released {
 		return fmt.Errorf("%w: %w", errPollReleased, err)
