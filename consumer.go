@@ -503,8 +503,6 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		}
 		if rebalanceWaits(ctx, waiting) || c.pollHold > 0 && time.Since(failing) >= c.pollHold {
 			released = true
-			c.log.WarnContext(ctx, "consumer: "+what+" failing; giving the poll back, its records will be fetched again",
-				repeatsKey, "consumer: poll released", "err", err)
 			return false
 		}
 		level := slog.LevelWarn
@@ -514,12 +512,12 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		c.log.Log(ctx, level, "consumer: "+what+" failed, retrying", "err", err, "retry_in", wait)
 		return true
 	})
-	if err != nil && !released && rebalanceWaits(ctx, waiting) {
+	if err != nil && rebalanceWaits(ctx, waiting) {
 		released = true // the rebalance came during a try or the wait after a failure
-		c.log.WarnContext(ctx, "consumer: "+what+" failing; giving the poll back for a rebalance, its records will be fetched again",
-			repeatsKey, "consumer: poll released", "err", err)
 	}
 	if released {
+		c.log.WarnContext(ctx, "consumer: "+what+" failing; giving the poll back, its records will be fetched again",
+			repeatsKey, "consumer: poll released", "err", err)
 		return fmt.Errorf("%w: %w", errPollReleased, err)
 	}
 	return err
