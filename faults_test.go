@@ -1333,7 +1333,7 @@ func TestDatabaseOutageDoesNotBlockTheGroup(t *testing.T) {
 	envB := serviceEnv(direct, b)
 	envB["KAFKA_REBALANCE_TIMEOUT"] = rebalanceTimeout.String()
 	joined := time.Now()
-	startService(t, envB)
+	b2 := startService(t, envB)
 	paid := func() int { return count(t, direct, `SELECT count(*) FROM orders WHERE status = 'PAID'`) }
 	waitFor(t, 2*rebalanceTimeout, "the second replica applying results", func() bool { return paid() > 1 })
 	took := time.Since(joined)
@@ -1353,5 +1353,11 @@ func TestDatabaseOutageDoesNotBlockTheGroup(t *testing.T) {
 		time.Sleep(500 * time.Millisecond) // a sampling period, not a wait for a condition
 	}
 	proxy.set(false)
-	waitFor(t, 30*time.Second, "every result applied once the database returned", func() bool { return paid() == len(ids) })
+	for deadline := time.Now().Add(30 * time.Second); paid() != len(ids); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d results applied 30s after the database returned; the first replica owns %v partitions, "+
+				"the second %v; group: %s", paid(), len(ids), metric(t, a.url, "payment_results_partitions_owned"),
+				metric(t, b2.url, "payment_results_partitions_owned"), groupAssignments(t, adm, b.topic(consumerGroup)))
+		}
+	}
 }

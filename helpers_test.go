@@ -762,6 +762,27 @@ func groupMembers(t testing.TB, adm *kadm.Client, group string) (int, string) {
 	return len(classic[group].Members), classic[group].State
 }
 
+// groupAssignments describes a consumer group for a failure message: each
+// member's assignment and, under KIP-848, its target; with the classic
+// protocol, only the members.
+func groupAssignments(t testing.TB, adm *kadm.Client, group string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	var b strings.Builder
+	if next, err := adm.DescribeConsumerGroups(ctx, group); err == nil && next[group].Err == nil {
+		g := next[group]
+		fmt.Fprintf(&b, "state %s, epoch %d", g.State, g.Epoch)
+		for _, m := range g.Members {
+			fmt.Fprintf(&b, "; member %s epoch %d assigned %v target %v", m.MemberID, m.MemberEpoch,
+				m.Assignment.Sorted(), m.TargetAssignment.Sorted())
+		}
+		return b.String()
+	}
+	n, state := groupMembers(t, adm, group)
+	return fmt.Sprintf("state %s, %d members (classic)", state, n)
+}
+
 // waitOwning waits until each replica owns a partition of payment-results.
 func waitOwning(t testing.TB, urls ...string) {
 	t.Helper()
