@@ -137,12 +137,19 @@ func TestClusterFailures(t *testing.T) {
 	// when a coordinator loads the group, but only its own partitions wait
 	// for it. The session is the default's, not the other tests' 6 s,
 	// which would hide a classic group's wait.
+	// Then the survivor is stopped while the dead member still holds its
+	// partitions: under the classic protocol its leave waited for that
+	// rebalance and spent the whole shutdown budget.
 	t.Run("a replica crashes, then the whole cluster restarts", func(t *testing.T) {
-		r := crashThenClusterRestart(t, c, map[string]string{"KAFKA_SESSION_TIMEOUT": "45s"})
-		t.Logf("first result applied %s after the cluster took writes again, every result %s after",
-			r.first.Round(time.Millisecond), r.all.Round(time.Millisecond))
+		r := crashThenClusterRestart(t, c, map[string]string{"KAFKA_SESSION_TIMEOUT": "45s", "SHUTDOWN_TIMEOUT": "5s"}, true)
+		t.Logf("first result applied %s after the cluster took writes again, every result %s after; "+
+			"the survivor stopped %s after SIGTERM", r.first.Round(time.Millisecond), r.all.Round(time.Millisecond),
+			r.exit.Round(time.Millisecond))
 		if r.first > 10*time.Second {
 			t.Errorf("first result applied %s after the cluster took writes again, want within 10s", r.first.Round(time.Millisecond))
+		}
+		if r.exitLog != "stopped" {
+			t.Errorf("the survivor's SIGTERM: %q after %s, want a clean stop within SHUTDOWN_TIMEOUT (5s)", r.exitLog, r.exit)
 		}
 	})
 
@@ -339,13 +346,21 @@ func firstWrite(t testing.TB, b *broker) <-chan time.Time {
 // cluster took writes again: when the surviving replica applied its first
 // payment result, and when every result was applied (the dead replica's
 // partitions included).
-type groupRecovery struct{ first, all time.Duration }
+type groupRecovery struct {
+	first, all time.Duration
+	// With stopSurvivor: how long the survivor took to exit after SIGTERM,
+	// and "stopped" or else its log from the SIGTERM on.
+	exit    time.Duration
+	exitLog string
+}
 
 // crashThenClusterRestart runs two replicas in one group with extra settings,
 // SIGKILLs one, stops the whole cluster at once (before the dead member's
 // session can end) and starts it again; then it writes three payment results
-// to each partition of payment-results.
-func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]string) groupRecovery {
+// to each partition of payment-results. With stopSurvivor, the surviving
+// replica is sent SIGTERM once it has applied one (or 10 s after the cluster
+// took writes, if it has not), and a third replica applies the rest.
+func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]string, stopSurvivor bool) groupRecovery {
 	t.Helper()
 	b := c.broker()
 	dbURL := newSchema(t)
@@ -405,12 +420,30 @@ func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]str
 	paid := func() int {
 		return count(t, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID' AND id = ANY($1)`, last)
 	}
-	waitFor(t, 120*time.Second, "a result applied after the restart", func() bool {
-		if paid() > 0 && r.first == 0 {
+	resumed := func() bool {
+		if r.first == 0 && paid() > 0 {
 			r.first = time.Since(back)
 		}
 		return r.first > 0
-	})
+	}
+	if stopSurvivor {
+		// Stopped at its first result or 10 s after the cluster took
+		// writes, whichever comes first: in either case while the dead
+		// member still holds its partitions.
+		for deadline := back.Add(10 * time.Second); !resumed() && time.Now().Before(deadline); {
+			time.Sleep(20 * time.Millisecond)
+		}
+		r.exit = replicas[1].sigterm(t, 30*time.Second)
+		out := replicas[1].out.String()
+		r.exitLog = "stopped"
+		if !strings.Contains(out, "msg=stopped") {
+			r.exitLog = out[max(0, strings.Index(out, `msg="shutting down"`)):]
+		}
+		env := childEnvFor(dbURL, b)
+		maps.Copy(env, extra)
+		startChild(t, env).waitReady(t)
+	}
+	waitFor(t, 120*time.Second, "a result applied after the restart", resumed)
 	waitFor(t, 180*time.Second, "every result applied after the restart", func() bool { return paid() == len(last) })
 	r.all = time.Since(back)
 	return r
@@ -433,7 +466,7 @@ func BenchmarkGroupRecovery(b *testing.B) {
 	} {
 		b.Run(s.name, func(b *testing.B) {
 			for range b.N {
-				r := crashThenClusterRestart(b, c, s.env)
+				r := crashThenClusterRestart(b, c, s.env, false)
 				b.ReportMetric(r.first.Seconds(), "s_first_result")
 				b.ReportMetric(r.all.Seconds(), "s_all_results")
 			}
