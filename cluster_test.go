@@ -364,16 +364,17 @@ func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]str
 	t.Helper()
 	b := c.broker()
 	dbURL := newSchema(t)
-	var replicas [2]*child
-	for i := range replicas {
+	replica := func(i int) *child {
 		env := childEnvFor(dbURL, b)
 		maps.Copy(env, extra)
 		if id := env["KAFKA_GROUP_INSTANCE_ID"]; id != "" {
 			env["KAFKA_GROUP_INSTANCE_ID"] = fmt.Sprintf("%s-%d", id, i)
 		}
-		replicas[i] = startChild(t, env)
-		replicas[i].waitReady(t)
+		c := startChild(t, env)
+		c.waitReady(t)
+		return c
 	}
+	replicas := [2]*child{replica(0), replica(1)}
 	user := newUser()
 	ids := make([]string, 0, 100)
 	for range cap(ids) {
@@ -439,9 +440,7 @@ func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]str
 		if !strings.Contains(out, "msg=stopped") {
 			r.exitLog = out[max(0, strings.Index(out, `msg="shutting down"`)):]
 		}
-		env := childEnvFor(dbURL, b)
-		maps.Copy(env, extra)
-		startChild(t, env).waitReady(t)
+		replica(2)
 	}
 	waitFor(t, 120*time.Second, "a result applied after the restart", resumed)
 	waitFor(t, 180*time.Second, "every result applied after the restart", func() bool { return paid() == len(last) })
