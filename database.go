@@ -129,7 +129,7 @@ func oneLine(err error) string {
 // DATABASE_URL with target_session_attrs=read-write picks it). FATAL errors
 // close the connection as pgx's default handler does.
 func closeReadOnly(_ *pgconn.PgConn, pgErr *pgconn.PgError) bool {
-	return pgErr.Code != "25006" && !strings.EqualFold(pgErr.Severity, "FATAL")
+	return pgErr.Code != sqlstateReadOnly && !strings.EqualFold(pgErr.Severity, "FATAL")
 }
 
 // checkServerVersion refuses a server older than 14 by the server_version it

@@ -18,6 +18,16 @@ import (
 // demoted during a failover.
 var errReadOnly = errors.New("the database is read-only")
 
+// sqlstateReadOnly is read_only_sql_transaction: the server takes no writes
+// (a standby, or a primary demoted during a failover).
+const sqlstateReadOnly = "25006"
+
+// dbReadOnly: the database refused a write because it takes none.
+func dbReadOnly(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.Is(err, errReadOnly) || errors.As(err, &pgErr) && pgErr.Code == sqlstateReadOnly
+}
+
 // errServerTooOld is a PostgreSQL older than 14. Settling a commit whose
 // answer was lost waits for the server process it ends (endBackend), and
 // pg_terminate_backend takes that wait only since 14; on an older server the
@@ -46,7 +56,7 @@ func dbTransient(err error) bool {
 			"40P01", // deadlock_detected
 			"55P03", // lock_not_available
 			"55006", // object_in_use
-			"25006", // read_only_sql_transaction: a standby, or a demoted primary
+			sqlstateReadOnly,
 			"25P03", // idle_in_transaction_session_timeout
 			"58000", // system_error
 			"58030": // io_error

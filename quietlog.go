@@ -9,12 +9,9 @@ package main
 
 import (
 	"context"
-	"errors"
 	"log/slog"
 	"sync"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // repeatInterval is how often a repeated failure is written at most.
@@ -91,8 +88,7 @@ func (h quietHandler) WithGroup(name string) slog.Handler {
 // operator must see as soon as it begins, however recently the same thing
 // failed otherwise.
 func repeatsOf(what string, err error) string {
-	var pgErr *pgconn.PgError
-	if errors.Is(err, errReadOnly) || errors.As(err, &pgErr) && pgErr.Code == "25006" {
+	if dbReadOnly(err) {
 		return what + " (read-only)"
 	}
 	return what
