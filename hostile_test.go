@@ -367,22 +367,37 @@ func TestServerOlderThan14AfterStartAnswers503(t *testing.T) {
 const poolerPID = 2_000_000_000
 
 // commitProxy forwards to PostgreSQL as a pooler in session mode would, and
-// acts on the next order commit: the COMMIT the service sends in an
-// extended-protocol pipeline (createOrders); the relay's simple-protocol
-// commits pass untouched. Armed with delay, it
-// holds back the server's answer for that long, as a slow network would; armed
-// with cut, it forwards the whole pipeline and then drops the connection, and
-// every cancel request after, as a network that fails just then would. As
-// poolers do, it announces made-up process ids (poolerPID), so that the
-// service must learn the real one from the server.
+// acts on one order commit: the COMMIT bound, in an extended-protocol
+// pipeline, on the connection that sent the marker it was armed with (an
+// Idempotency-Key, among a statement's parameters). Other commits pass
+// untouched, the relay's among them: it commits a claim every poll, on
+// connections of the same pool. Armed with a delay, it holds back the
+// server's answer for that long, as a slow network would; armed to cut, it
+// forwards the whole pipeline and then drops the connection, and every
+// cancel request after, as a network that fails just then would. As poolers
+// do, it announces made-up process ids (poolerPID), so that the service must
+// learn the real one from the server.
 type commitProxy struct {
 	*tcpProxy
-	delay       atomic.Int64 // nanoseconds; 0: disarmed
-	cut         atomic.Bool
+	armed       atomic.Pointer[commitAct]
 	cancelsLost atomic.Bool // since the cut
 	// version, when set, is the server_version announced to clients in
 	// place of the server's, as an older server would announce its own.
 	version atomic.Pointer[string]
+}
+
+// commitAct is what commitProxy does to the COMMIT of the connection that
+// sends marker.
+type commitAct struct {
+	marker []byte
+	delay  time.Duration
+	cut    bool
+}
+
+// arm makes the proxy act on the next COMMIT of the connection that sends
+// marker: hold its answer back for delay, or cut the connection after it.
+func (p *commitProxy) arm(marker string, delay time.Duration, cut bool) {
+	p.armed.Store(&commitAct{marker: []byte(marker), delay: delay, cut: cut})
 }
 
 func newCommitProxy(t testing.TB, schema string) (*commitProxy, string) {
@@ -422,6 +437,7 @@ func (p *commitProxy) pipe(c net.Conn) {
 		}
 		up.Write(append(n[:], startup...))
 		commits := map[string]bool{} // prepared statement names whose SQL is COMMIT
+		var marked *commitAct        // the act whose marker this connection sent
 		cutAtSync := false
 		for {
 			var hdr [5]byte
@@ -437,12 +453,16 @@ func (p *commitProxy) pipe(c net.Conn) {
 				if f := bytes.SplitN(body, []byte{0}, 3); len(f) == 3 && strings.EqualFold(string(f[1]), "commit") {
 					commits[string(f[0])] = true
 				}
-			case 'B': // Bind: portal name, statement name
-				if f := bytes.SplitN(body, []byte{0}, 3); len(f) == 3 && commits[string(f[1])] {
-					if d := p.delay.Swap(0); d > 0 {
-						holdUntil.Store(time.Now().Add(time.Duration(d)).UnixNano())
+			case 'B': // Bind: portal name, statement name, parameters
+				if a := p.armed.Load(); a != nil && bytes.Contains(body, a.marker) {
+					marked = a
+				}
+				if f := bytes.SplitN(body, []byte{0}, 3); len(f) == 3 && commits[string(f[1])] &&
+					marked != nil && p.armed.CompareAndSwap(marked, nil) {
+					if marked.delay > 0 {
+						holdUntil.Store(time.Now().Add(marked.delay).UnixNano())
 					}
-					cutAtSync = cutAtSync || p.cut.Swap(false)
+					cutAtSync = marked.cut
 				}
 			}
 			if _, err := up.Write(append(hdr[:], body...)); err != nil {
@@ -513,9 +533,10 @@ func TestCommitWhoseAnswerIsLateIsSettled(t *testing.T) {
 		return count(t, newSchemaURL(schema), `SELECT count(*) FROM outbox`) == 0
 	})
 
-	proxy.delay.Store(int64(requestDBTimeout + 2*time.Second))
+	key := "late-" + randomHex(4)
+	proxy.arm(key, requestDBTimeout+2*time.Second, false)
 	start := time.Now()
-	r := do(t, "POST", s.url+"/orders", `{"amount": 42}`, "X-User-Id", user)
+	r := do(t, "POST", s.url+"/orders", `{"amount": 42}`, "X-User-Id", user, "Idempotency-Key", key)
 	took := time.Since(start)
 	if got := metric(t, s.url, "order_commits_unanswered_total"); got != 1 {
 		t.Fatalf("order_commits_unanswered_total %v: the COMMIT's answer was not delayed past the deadline (took %s)", got, took)
@@ -557,7 +578,7 @@ func TestCommitCutWhileItsTransactionWaitsIsNeverStored(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	proxy.cut.Store(true)
+	proxy.arm(key, 0, true)
 	r := do(t, "POST", s.url+"/orders", `{"amount": 7}`, "X-User-Id", user, "Idempotency-Key", key)
 	if got := metric(t, s.url, "order_commits_unanswered_total"); got != 1 {
 		t.Fatalf("order_commits_unanswered_total %v: the connection was not cut after the COMMIT (answer %d %s)", got, r.status, r.body)
