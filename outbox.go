@@ -169,13 +169,19 @@ func (r *relay) claim(ctx context.Context) ([]outboxRow, error) {
 	b.BeginTx(pgx.TxOptions{})
 	queuePlannerOff(b, "enable_sort", "enable_seqscan")
 	claim := queueClaimOutbox(b, r.batchSize, r.produceTimeout+leaseMargin)
-	b.Queue(`COMMIT`)
-	br := r.db.SendBatch(ctx, b)
-	defer br.Tx().Rollback(ctx) //nolint:errcheck // ends a transaction that failed; a no-op after COMMIT
-	if err := br.Close(); err != nil {
+	if err := r.commit(ctx, b); err != nil {
 		return nil, fmt.Errorf("claim: %w", err)
 	}
 	return *claim, nil
+}
+
+// commit sends b, a transaction that BeginTx opened, and COMMIT, as one round
+// trip.
+func (r *relay) commit(ctx context.Context, b *pgx.Batch) error {
+	b.Queue(`COMMIT`)
+	br := r.db.SendBatch(ctx, b)
+	defer br.Tx().Rollback(ctx) //nolint:errcheck // ends a transaction that failed; a no-op after COMMIT
+	return br.Close()
 }
 
 // dbStepTimeout bounds each of the relay's transactions: one statement each.
@@ -267,10 +273,7 @@ func (r *relay) finish(ctx context.Context, claimed []outboxRow, acked []ackedRo
 	if len(failed) > 0 {
 		queueReleaseClaims(b, failed, *claimed[0].LeaseUntil)
 	}
-	b.Queue(`COMMIT`)
-	br := r.db.SendBatch(ctx, b)
-	defer br.Tx().Rollback(ctx) //nolint:errcheck // ends a transaction that failed; a no-op after COMMIT
-	if err := br.Close(); err != nil {
+	if err := r.commit(ctx, b); err != nil {
 		return fmt.Errorf("delete published rows: %w", err)
 	}
 	r.metrics.eventsPublished.Add(int64(len(acked)))
@@ -365,7 +368,7 @@ func (r *relay) pause(ctx context.Context, d time.Duration, down bool) (back boo
 func (r *relay) deleteFormerlyPublished(ctx context.Context) {
 	const batch = 1000
 	for ctx.Err() == nil {
-		n, err := deleteFormerlyPublished(ctx, r.db, batch)
+		n, err := r.purge(ctx, batch)
 		if err != nil {
 			if ctx.Err() == nil {
 				r.log.WarnContext(ctx, "relay: could not delete formerly published rows; the next start will", "err", err)
@@ -376,4 +379,21 @@ func (r *relay) deleteFormerlyPublished(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// purge deletes up to limit formerly published rows in one round trip. With
+// sequential scans off, as in the claim: planned on a table it believed
+// small, the delete read the whole outbox twice, the backlog of an outage
+// included, at every start.
+func (r *relay) purge(ctx context.Context, limit int) (int64, error) {
+	ctx, cancel := context.WithTimeout(ctx, dbStepTimeout)
+	defer cancel()
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{})
+	queuePlannerOff(b, "enable_seqscan")
+	deleted := queueDeleteFormerlyPublished(b, limit)
+	if err := r.commit(ctx, b); err != nil {
+		return 0, fmt.Errorf("delete formerly published rows: %w", err)
+	}
+	return *deleted, nil
 }

@@ -465,17 +465,20 @@ func queueReleaseClaims(b *pgx.Batch, ids []int64, leaseUntil time.Time) {
 	b.Queue(`UPDATE outbox SET lease_until = NULL WHERE id = ANY($1::bigint[]) AND lease_until = $2`, ids, leaseUntil)
 }
 
-// deleteFormerlyPublished deletes at most limit rows that a former version of
-// the service marked published and left for a purge by age. It walks the
-// primary key, where those rows are the oldest.
-func deleteFormerlyPublished(ctx context.Context, db dbtx, limit int) (int64, error) {
-	tag, err := db.Exec(ctx, `
+// queueDeleteFormerlyPublished queues the statement that deletes at most
+// limit rows that a former version of the service marked published and left
+// for a purge by age; once the batch is read, *deleted holds how many. It
+// walks the primary key, where those rows are the oldest.
+func queueDeleteFormerlyPublished(b *pgx.Batch, limit int) (deleted *int64) {
+	deleted = new(int64)
+	b.Queue(`
 		DELETE FROM outbox
-		WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL ORDER BY id LIMIT $1)`, limit)
-	if err != nil {
-		return 0, fmt.Errorf("delete formerly published rows: %w", err)
-	}
-	return tag.RowsAffected(), nil
+		WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL ORDER BY id LIMIT $1)`, limit).
+		Exec(func(tag pgconn.CommandTag) error {
+			*deleted = tag.RowsAffected()
+			return nil
+		})
+	return deleted
 }
 
 // applyPaymentResults moves PENDING orders to PAID or FAILED, a whole poll
