@@ -513,6 +513,15 @@ func count(t testing.TB, dbURL, query string, args ...any) int {
 	return n
 }
 
+// tableStat is a column of pg_stat_user_tables for a table of the test's
+// schema. A backend publishes its statistics up to 10 s late: wait for a
+// figure the test knows (rows updated, deleted) before trusting another.
+func tableStat(t testing.TB, dbURL, table, column string) int {
+	t.Helper()
+	return count(t, dbURL, `SELECT coalesce(`+column+`, 0) FROM pg_stat_user_tables
+		WHERE schemaname = current_schema() AND relname = $1`, table)
+}
+
 var (
 	poolsMu sync.Mutex
 	pools   = map[string]*pgxpool.Pool{}
