@@ -14,6 +14,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -25,6 +26,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -799,4 +801,394 @@ func listP99(b *testing.B, baseURL string, orders int) (first, deep time.Duratio
 		deeps = append(deeps, d)
 	}
 	return p99Of(firsts), p99Of(deeps)
+}
+
+// BenchmarkHeldHorizon: orders offered at a steady BENCH_HORIZON_RATE a second
+// (1 000 by default) for BENCH_HORIZON_PERIODS periods of BENCH_HORIZON_PERIOD
+// (10 of 1 minute), while another session of the same database holds vacuum's
+// xmin horizon (a REPEATABLE READ transaction that has taken its snapshot, as
+// pg_dump or a long report does), and the same with nothing held. Per period:
+// the p50 and p99 of the time from each 201 to its record on pay-order, the
+// database's buffers touched per order created (pg_stat_database, blks_hit
+// + blks_read), and outbox's dead rows at its end. The ceiling of each run is
+// its own first period: the ratios say how much the last period costs more.
+func BenchmarkHeldHorizon(b *testing.B) {
+	rate := envInt(b, "BENCH_HORIZON_RATE", 1000)
+	periods := envInt(b, "BENCH_HORIZON_PERIODS", 10)
+	period := time.Minute
+	if v := os.Getenv("BENCH_HORIZON_PERIOD"); v != "" {
+		var err error
+		if period, err = time.ParseDuration(v); err != nil {
+			b.Fatalf("BENCH_HORIZON_PERIOD: %v", err)
+		}
+	}
+	for _, held := range []bool{true, false} {
+		name := "not_held"
+		if held {
+			name = "held"
+		}
+		b.Run(name, func(b *testing.B) {
+			for range b.N {
+				heldHorizonRun(b, held, rate, periods, period)
+			}
+		})
+	}
+}
+
+func envInt(b *testing.B, key string, def int) int {
+	b.Helper()
+	v := os.Getenv(key)
+	if v == "" {
+		return def
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n < 1 {
+		b.Fatalf("%s=%q: want a positive integer", key, v)
+	}
+	return n
+}
+
+// horizonPeriod is what heldHorizonRun measured in one period.
+type horizonPeriod struct {
+	p50, p99     time.Duration
+	orders       int
+	buffers      float64 // per order
+	deadOutbox   int
+	outboxBytes  int // the table and its index
+	failedAnswer int
+}
+
+func heldHorizonRun(b *testing.B, held bool, rate, periods int, period time.Duration) {
+	b.Helper()
+	ctx := context.Background()
+	br := newBroker(b, true)
+	c, dbURL := benchService(b, br, nil)
+	db := schemaPool(b, dbURL)
+	if held {
+		holdHorizon(b, false)
+	}
+
+	// Records on pay-order, by order id, with when they were read.
+	arrived := map[string]time.Time{}
+	var mu sync.Mutex
+	cctx, cancel := context.WithCancel(ctx)
+	cl, err := kgo.NewClient(kgo.SeedBrokers(br.addrs...), kgo.ConsumeTopics(br.topic(topicPayOrder)),
+		kgo.ConsumeResetOffset(kgo.NewOffset().AtStart()), kgo.FetchMaxWait(100*time.Millisecond))
+	if err != nil {
+		b.Fatal(err)
+	}
+	consumed := make(chan struct{})
+	go func() {
+		defer close(consumed)
+		for cctx.Err() == nil {
+			fetches := cl.PollFetches(cctx)
+			now := time.Now()
+			mu.Lock()
+			fetches.EachRecord(func(r *kgo.Record) { arrived[string(r.Key)] = now })
+			mu.Unlock()
+		}
+	}()
+	defer func() {
+		cancel()
+		<-consumed
+		cl.Close()
+	}()
+
+	buffers := func() float64 {
+		var n float64
+		if err := db.QueryRow(ctx, `SELECT blks_hit + blks_read FROM pg_stat_database WHERE datname = current_database()`).Scan(&n); err != nil {
+			b.Fatal(err)
+		}
+		return n
+	}
+	client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}, Timeout: 10 * time.Second}
+	every := time.Second / time.Duration(rate)
+	results := make([]horizonPeriod, periods)
+	answered := make([]map[string]time.Time, periods)
+	var failed atomic.Int64
+	for p := range periods {
+		answered[p] = map[string]time.Time{}
+		before := buffers()
+		created := metric(b, c.url, "orders_created_total")
+		tick := time.NewTicker(every)
+		var wg sync.WaitGroup
+		for end := time.Now().Add(period); time.Now().Before(end); {
+			<-tick.C
+			wg.Go(func() {
+				req, _ := http.NewRequest("POST", c.url+"/orders", strings.NewReader(`{"amount": 1}`))
+				req.Header.Set("X-User-Id", "horizon")
+				resp, err := client.Do(req)
+				if err != nil {
+					failed.Add(1)
+					return
+				}
+				at := time.Now()
+				body, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusCreated {
+					failed.Add(1)
+					return
+				}
+				var o Order
+				if json.Unmarshal(body, &o) != nil {
+					failed.Add(1)
+					return
+				}
+				mu.Lock()
+				answered[p][o.ID] = at
+				mu.Unlock()
+			})
+		}
+		tick.Stop()
+		wg.Wait()
+		results[p].orders = int(metric(b, c.url, "orders_created_total") - created)
+		results[p].buffers = (buffers() - before) / float64(max(1, results[p].orders))
+		results[p].deadOutbox = count(b, dbURL, `SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables
+			WHERE schemaname = current_schema() AND relname = 'outbox'`)
+		results[p].outboxBytes = count(b, dbURL, `SELECT pg_total_relation_size('outbox')`)
+		results[p].failedAnswer = int(failed.Swap(0))
+	}
+	waitFor(b, 120*time.Second, "every order on pay-order", func() bool {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, a := range answered {
+			for id := range a {
+				if _, ok := arrived[id]; !ok {
+					return false
+				}
+			}
+		}
+		return true
+	})
+	mu.Lock()
+	for p, a := range answered {
+		var lat []time.Duration
+		for id, at := range a {
+			lat = append(lat, max(0, arrived[id].Sub(at)))
+		}
+		slices.Sort(lat)
+		if len(lat) > 0 {
+			results[p].p50, results[p].p99 = lat[len(lat)/2], lat[len(lat)*99/100]
+		}
+	}
+	mu.Unlock()
+	var worst time.Duration
+	for p, r := range results {
+		// Printed, not logged: a benchmark's log is cut to ten lines.
+		fmt.Printf("%s held=%v period %d: %d orders (%d failed), publish p50 %.1f ms p99 %.1f ms, %.1f buffers/order, outbox dead rows %d, outbox %.0f MB\n",
+			b.Name(), held, p+1, r.orders, r.failedAnswer, ms(r.p50), ms(r.p99), r.buffers, r.deadOutbox, float64(r.outboxBytes)/1e6)
+		worst = max(worst, r.p99)
+		if r.failedAnswer > 0 {
+			b.Errorf("period %d: %d requests failed", p+1, r.failedAnswer)
+		}
+	}
+	first, last := results[0], results[len(results)-1]
+	b.ReportMetric(ms(first.p50), "p50_ms_first")
+	b.ReportMetric(ms(last.p50), "p50_ms_last")
+	b.ReportMetric(ms(worst), "p99_ms_worst")
+	b.ReportMetric(first.buffers, "buffers/order_first")
+	b.ReportMetric(last.buffers, "buffers/order_last")
+	b.ReportMetric(float64(last.p50)/float64(max(1, first.p50)), "ratio_p50")
+	b.ReportMetric(last.buffers/first.buffers, "ratio_buffers")
+	b.ReportMetric(float64(last.deadOutbox), "outbox_dead_rows_last")
+	b.ReportMetric(float64(last.outboxBytes)/1e6, "outbox_MB_last")
+}
+
+// BenchmarkOverload: what the service does when more orders arrive than it can
+// write. Its capacity is measured first, in the same run, in two ways:
+// POST /orders in a closed loop (each client sends its next request when the
+// last one is answered) from 16 clients, as the create benchmarks load it,
+// and from 256, enough that the writers' batches are full. Then orders are
+// offered open-loop at 1.5 and 3 times each: a request is due at its time
+// whether or not the earlier ones were answered, every client gives up after
+// 5 s, and a request's latency counts from when it was due, so that time
+// spent waiting for a free client is not hidden. Each measurement lasts
+// BENCH_DURATION. Reported per offer: the goodput (201s a second) as a ratio
+// of the best goodput of the run, the 503s, the other answers and the client
+// timeouts, and the p50 and p99 of the 201s. The load comes from this process,
+// on the machine's two cores with the service and PostgreSQL.
+func BenchmarkOverload(b *testing.B) {
+	d := benchDuration(b)
+	for range b.N {
+		br := newBroker(b, true)
+		c, _ := benchService(b, br, nil)
+		best := 0.0
+		var runs []offerResult
+		for _, clients := range []int{16, 256} {
+			capacity := offerOrders(b, c.url, 0, clients, d)
+			best = max(best, capacity.goodput)
+			b.ReportMetric(capacity.goodput, fmt.Sprintf("capacity_%d_orders/s", clients))
+			fmt.Printf("%s capacity, closed loop of %d clients: %.0f orders/s, 201 p99 %.1f ms\n", b.Name(), clients, capacity.goodput, ms(capacity.p99))
+			for _, factor := range []float64{1.5, 3} {
+				r := offerOrders(b, c.url, factor*capacity.goodput, 4000, d)
+				r.name = fmt.Sprintf("%sx_%d", strconv.FormatFloat(factor, 'f', -1, 64), clients)
+				runs = append(runs, r)
+				best = max(best, r.goodput)
+			}
+		}
+		for _, r := range runs {
+			fmt.Printf("%s offer %s (%.0f/s, sent %.0f/s): %.0f 201/s (%.2f of the best), 503 %d, other %d, client timeouts %d, 201 p50 %.1f ms p99 %.1f ms, slowest answer %.0f ms\n",
+				b.Name(), r.name, r.offered, r.sent, r.goodput, r.goodput/best, r.unavailable, r.other, r.timeouts, ms(r.p50), ms(r.p99), ms(r.slowest))
+			b.ReportMetric(r.goodput/best, "goodput_ratio_"+r.name)
+			b.ReportMetric(float64(r.unavailable), "503_"+r.name)
+			b.ReportMetric(float64(r.timeouts), "client_timeouts_"+r.name)
+			b.ReportMetric(ms(r.p99), "p99_ms_"+r.name)
+			if r.other > 0 {
+				b.Errorf("offer %s: %d answers neither 201 nor 503", r.name, r.other)
+			}
+		}
+	}
+}
+
+// offerResult is what one offer of orders got.
+type offerResult struct {
+	name                         string
+	offered, sent, goodput       float64
+	unavailable, other, timeouts int
+	p50, p99, slowest            time.Duration
+}
+
+// offerOrders posts orders to baseURL for d: at rate a second, open-loop, from
+// at most clients at once; or, with rate 0, in a closed loop from clients.
+// Each client is one keep-alive connection that writes a request made once
+// and reads the status line and headers of the answer (rawClient): the load
+// costs the machine a few microseconds a request, where net/http's client,
+// at twenty thousand requests a second, took most of a core from the service.
+func offerOrders(b *testing.B, baseURL string, rate float64, clients int, d time.Duration) offerResult {
+	b.Helper()
+	addr := strings.TrimPrefix(baseURL, "http://")
+	body := `{"amount": 1500}`
+	req := []byte("POST /orders HTTP/1.1\r\nHost: " + addr + "\r\nX-User-Id: overload\r\nContent-Type: application/json\r\n" +
+		"Content-Length: " + strconv.Itoa(len(body)) + "\r\n\r\n" + body)
+	var mu sync.Mutex
+	var r offerResult
+	var lat []time.Duration
+	tally := func(due time.Time, status int, retryAfter bool, err error) {
+		took := time.Since(due)
+		mu.Lock()
+		defer mu.Unlock()
+		r.slowest = max(r.slowest, took)
+		switch {
+		case err != nil:
+			r.timeouts++
+		case status == http.StatusCreated:
+			lat = append(lat, took)
+		case status == http.StatusServiceUnavailable && retryAfter:
+			r.unavailable++
+		default:
+			r.other++
+		}
+	}
+	start := time.Now()
+	end := start.Add(d)
+	var wg sync.WaitGroup
+	var sent atomic.Int64
+	client := func(next func() (time.Time, bool)) {
+		var c *rawClient
+		for {
+			due, ok := next()
+			if !ok {
+				break
+			}
+			if c == nil {
+				var err error
+				if c, err = dialRaw(addr); err != nil {
+					tally(due, 0, false, err)
+					continue
+				}
+			}
+			sent.Add(1)
+			status, retryAfter, err := c.do(req, due.Add(5*time.Second))
+			tally(due, status, retryAfter, err)
+			if err != nil {
+				c.close()
+				c = nil
+			}
+		}
+		if c != nil {
+			c.close()
+		}
+	}
+	if rate == 0 {
+		for range clients {
+			wg.Go(func() {
+				client(func() (time.Time, bool) { now := time.Now(); return now, now.Before(end) })
+			})
+		}
+	} else {
+		due := make(chan time.Time, clients)
+		for range clients {
+			wg.Go(func() {
+				client(func() (time.Time, bool) { t, ok := <-due; return t, ok })
+			})
+		}
+		every := time.Duration(float64(time.Second) / rate)
+		for t := start; t.Before(end); t = t.Add(every) {
+			time.Sleep(time.Until(t))
+			due <- t
+		}
+		close(due)
+	}
+	// Should the offer have fallen behind its schedule, the rates are over
+	// the time it took to make it.
+	took := max(d, time.Since(start))
+	wg.Wait()
+	slices.Sort(lat)
+	r.offered, r.sent = rate, float64(sent.Load())/took.Seconds()
+	r.goodput = float64(len(lat)) / took.Seconds()
+	if len(lat) > 0 {
+		r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
+	}
+	return r
+}
+
+// rawClient is one HTTP/1.1 keep-alive connection that sends a request given
+// as bytes and reads no more of the answer than a benchmark needs.
+type rawClient struct {
+	conn net.Conn
+	r    *bufio.Reader
+}
+
+func dialRaw(addr string) (*rawClient, error) {
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	return &rawClient{conn: conn, r: bufio.NewReaderSize(conn, 4096)}, nil
+}
+
+func (c *rawClient) close() { c.conn.Close() }
+
+// do writes req and reads the answer's status, whether it has a Retry-After,
+// and its body (by Content-Length), all by deadline.
+func (c *rawClient) do(req []byte, deadline time.Time) (status int, retryAfter bool, err error) {
+	c.conn.SetDeadline(deadline) //nolint:errcheck // a closed connection fails the write below
+	if _, err := c.conn.Write(req); err != nil {
+		return 0, false, err
+	}
+	line, err := c.r.ReadSlice('\n')
+	if err != nil {
+		return 0, false, err
+	}
+	if len(line) < 12 {
+		return 0, false, fmt.Errorf("status line %q", line)
+	}
+	status, _ = strconv.Atoi(string(line[9:12]))
+	length := 0
+	for {
+		line, err := c.r.ReadSlice('\n')
+		if err != nil {
+			return 0, false, err
+		}
+		h := strings.ToLower(strings.TrimSpace(string(line)))
+		if h == "" {
+			break
+		}
+		if v, ok := strings.CutPrefix(h, "content-length:"); ok {
+			length, _ = strconv.Atoi(strings.TrimSpace(v))
+		}
+		retryAfter = retryAfter || strings.HasPrefix(h, "retry-after:")
+	}
+	_, err = c.r.Discard(length)
+	return status, retryAfter, err
 }

@@ -15,6 +15,7 @@ import (
 	"net/url"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
@@ -53,7 +54,7 @@ func TestOpenAPIDocumentsEveryRouteAndNoOther(t *testing.T) {
 		}
 	}
 	rec := &routeRecorder{}
-	addRoutes(rec, nil, nil, nil, nil, nil, nil, newMetrics(), nil)
+	addRoutes(rec, nil, nil, nil, nil, nil, nil, newMetrics(), nil, nil)
 	slices.Sort(documented)
 	slices.Sort(rec.patterns)
 	for _, p := range rec.patterns {
@@ -378,12 +379,25 @@ func TestDockerfileBuildsAStaticNonRootImage(t *testing.T) {
 		t.Errorf("ENV HTTP_ADDR=%q: want %q, every interface on the exposed port", addr, ":"+expose)
 	}
 	ignore, _ := os.ReadFile(".dockerignore")
-	for _, embedded := range []string{"schema.sql", "openapi.yaml", "asyncapi.yaml"} {
-		if strings.Contains(string(ignore), embedded) {
-			t.Errorf(".dockerignore drops %s, which the binary embeds", embedded)
+	sources, _ := filepath.Glob("*.go")
+	var embedded []string
+	for _, f := range sources {
+		src, _ := os.ReadFile(f)
+		for _, m := range embedRE.FindAllSubmatch(src, -1) {
+			embedded = append(embedded, strings.Fields(string(m[1]))...)
+		}
+	}
+	if len(embedded) == 0 {
+		t.Fatal("no //go:embed directive found")
+	}
+	for _, name := range embedded {
+		if strings.Contains(string(ignore), name) {
+			t.Errorf(".dockerignore drops %s, which the binary embeds", name)
 		}
 	}
 }
+
+var embedRE = regexp.MustCompile(`(?m)^\s*//go:embed (.+)$`)
 
 // The -healthcheck flag is the image's only probe: it must pass against a
 // live service and fail against a dead one.

@@ -79,11 +79,11 @@ func poolConfig(databaseURL string) (*pgxpool.Config, error) {
 		if err := checkServerVersion(c.PgConn()); err != nil {
 			return err
 		}
-		pid, err := backendPID(ctx, c)
+		p, err := getServerProcess(ctx, c)
 		if err != nil {
 			return err
 		}
-		c.PgConn().CustomData()[serverPIDKey] = pid
+		c.PgConn().CustomData()[serverProcessKey] = p
 		return nil
 	}
 	if !strings.Contains(databaseURL, "pool_max_conns") {
@@ -148,31 +148,39 @@ func checkServerVersion(c *pgconn.PgConn) error {
 	return fmt.Errorf("%w; the server is PostgreSQL %s", errServerTooOld, v)
 }
 
-// serverPIDKey keeps, in each pooled connection's CustomData, the id of the
-// server process behind it as the server itself reports it (connectDB). The
-// id the connection's handshake announced is not enough: a pooler in session
-// mode hands its clients made-up ids, and settling a lost commit must end the
-// real process (endBackend).
-const serverPIDKey = "order-service.server-pid"
+// serverProcessKey keeps, in each pooled connection's CustomData, the server
+// process behind it as the server itself reports it (connectDB). The id the
+// connection's handshake announced is not enough: a pooler in session mode
+// hands its clients made-up ids, and settling a lost commit must end the real
+// process (endBackend).
+const serverProcessKey = "order-service.server-process"
 
-// serverPID is the server process behind c (see serverPIDKey).
-func serverPID(c *pgconn.PgConn) uint32 {
-	if pid, ok := c.CustomData()[serverPIDKey].(uint32); ok {
-		return pid
+// serverProcessOf is the server process behind c (see serverProcessKey).
+func serverProcessOf(c *pgconn.PgConn) serverProcess {
+	if p, ok := c.CustomData()[serverProcessKey].(serverProcess); ok {
+		return p
 	}
-	return c.PID()
+	return serverProcess{PID: c.PID()}
 }
 
-//go:embed schema.sql
-var schemaSQL string
+var (
+	//go:embed upgrade.sql
+	upgradeSQL string
+	//go:embed schema.sql
+	schemaSQL string
+)
 
-// applySchema runs schema.sql. Two replicas starting at once would race on
-// CREATE ... IF NOT EXISTS (it is not atomic with respect to the catalog), so
-// the transaction first takes an advisory lock.
+// applySchema runs upgrade.sql, which brings a database of an earlier version
+// to this one's shape, then schema.sql. Two replicas starting at once would
+// race on CREATE ... IF NOT EXISTS (it is not atomic with respect to the
+// catalog), so the transaction first takes an advisory lock.
 func applySchema(ctx context.Context, db *pgxpool.Pool) error {
 	return pgx.BeginFunc(ctx, db, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock(hashtext('order-service schema'))`); err != nil {
 			return fmt.Errorf("lock schema: %w", err)
+		}
+		if _, err := tx.Exec(ctx, upgradeSQL); err != nil {
+			return fmt.Errorf("apply upgrade.sql: %w", err)
 		}
 		if _, err := tx.Exec(ctx, schemaSQL); err != nil {
 			return fmt.Errorf("apply schema.sql: %w", err)

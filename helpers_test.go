@@ -804,3 +804,47 @@ func waitOwning(t testing.TB, urls ...string) {
 		return true
 	})
 }
+
+// holdHorizon holds vacuum's xmin horizon in the test database until the
+// test ends, as a long report, pg_dump or a session left idle in a
+// transaction would: a REPEATABLE READ transaction that has taken its
+// snapshot and, with withXID, a transaction id of its own too (as one that
+// has written would hold). Nothing deleted after it began can be removed
+// while it lasts. It returns the transaction id it holds, if any.
+func holdHorizon(t testing.TB, withXID bool) uint64 {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, testDBURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tx, err := conn.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.RepeatableRead})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		tx.Rollback(ctx) //nolint:errcheck // ends the hold
+		conn.Close(ctx)
+	})
+	var xid uint64
+	query := `SELECT '0'::xid8`
+	if withXID {
+		query = `SELECT pg_current_xact_id()`
+	}
+	if err := tx.QueryRow(ctx, query).Scan(&xid); err != nil {
+		t.Fatal(err)
+	}
+	var held bool
+	if err := tx.QueryRow(ctx, `SELECT backend_xmin IS NOT NULL FROM pg_stat_activity WHERE pid = pg_backend_pid()`).Scan(&held); err != nil || !held {
+		t.Fatalf("the holding session has no xmin: %v", err)
+	}
+	return xid
+}
+
+// indexStat is a column of pg_stat_user_indexes for an index of the test's
+// schema. Like tableStat, it lags behind the backends that do the reading.
+func indexStat(t testing.TB, dbURL, index, column string) int {
+	t.Helper()
+	return count(t, dbURL, `SELECT coalesce(`+column+`, 0) FROM pg_stat_user_indexes
+		WHERE schemaname = current_schema() AND indexrelname = $1`, index)
+}

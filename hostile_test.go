@@ -392,13 +392,41 @@ type commitAct struct {
 	marker []byte
 	delay  time.Duration
 	cut    bool
+	fatal  fatalAt
 }
+
+// fatalAt is where the proxy ends a connection as a server process told to
+// terminate (FATAL 57P01) does: not at all, just after COMMIT's answer, or in
+// its place.
+type fatalAt int
+
+const (
+	noFatal fatalAt = iota
+	fatalAfterCommit
+	fatalInsteadOfCommit
+)
 
 // arm makes the proxy act on the next COMMIT of the connection that sends
 // marker: hold its answer back for delay, or cut the connection after it.
 func (p *commitProxy) arm(marker string, delay time.Duration, cut bool) {
 	p.armed.Store(&commitAct{marker: []byte(marker), delay: delay, cut: cut})
 }
+
+// armFatal makes the proxy end the connection that sends marker with FATAL
+// 57P01 at the next COMMIT: after its answer, or instead of it (the server
+// commits either way), and close the server's side.
+func (p *commitProxy) armFatal(marker string, at fatalAt) {
+	p.armed.Store(&commitAct{marker: []byte(marker), fatal: at})
+}
+
+// terminated is the ErrorResponse of a server process ended by
+// pg_terminate_backend or a fast shutdown.
+var terminated = func() []byte {
+	body := []byte("SFATAL\x00VFATAL\x00C57P01\x00Mterminating connection due to administrator command\x00\x00")
+	msg := append([]byte{'E', 0, 0, 0, 0}, body...)
+	binary.BigEndian.PutUint32(msg[1:], uint32(len(body)+4))
+	return msg
+}()
 
 func newCommitProxy(t testing.TB, schema string) (*commitProxy, string) {
 	p, url := newDBProxy(t, schema)
@@ -418,6 +446,7 @@ func (p *commitProxy) pipe(c net.Conn) {
 		return
 	}
 	var holdUntil atomic.Int64
+	var fatal atomic.Int32 // a fatalAt, for this connection's next COMMIT answer
 	go func() {
 		defer up.Close()
 		var n [4]byte
@@ -463,6 +492,7 @@ func (p *commitProxy) pipe(c net.Conn) {
 						holdUntil.Store(time.Now().Add(marked.delay).UnixNano())
 					}
 					cutAtSync = marked.cut
+					fatal.Store(int32(marked.fatal))
 				}
 			}
 			if _, err := up.Write(append(hdr[:], body...)); err != nil {
@@ -503,16 +533,22 @@ func (p *commitProxy) pipe(c net.Conn) {
 			break
 		}
 	}
-	buf := make([]byte, 32<<10)
+	r := &msgReader{r: up}
 	for {
-		n, err := up.Read(buf)
-		if n > 0 {
-			time.Sleep(time.Until(time.Unix(0, holdUntil.Load())))
-			if _, werr := c.Write(buf[:n]); werr != nil {
-				break
-			}
-		}
+		typ, body, err := r.next()
 		if err != nil {
+			break
+		}
+		time.Sleep(time.Until(time.Unix(0, holdUntil.Load())))
+		if at := fatalAt(fatal.Load()); typ == 'C' && string(body) == "COMMIT\x00" && at != noFatal {
+			if at == fatalAfterCommit {
+				c.Write(r.raw) //nolint:errcheck // the connection ends below either way
+			}
+			c.Write(terminated) //nolint:errcheck // as above
+			up.Close()
+			break
+		}
+		if _, err := c.Write(r.raw); err != nil {
 			break
 		}
 	}
@@ -547,6 +583,45 @@ func TestCommitWhoseAnswerIsLateIsSettled(t *testing.T) {
 	}
 	readPayOrders(t, b, []string{o.ID}, 10*time.Second)
 	t.Logf("COMMIT answer held back %s: answered 201 after %s", requestDBTimeout+2*time.Second, took.Round(time.Millisecond))
+}
+
+// A server process told to terminate while it flushes an order's commit
+// (pg_terminate_backend, a fast shutdown, a switchover) finishes the commit,
+// answers it, and then sends FATAL 57P01: the order is stored and answered
+// 201, with no settling, since the answer said so. When FATAL comes instead
+// of COMMIT's answer, nothing says what happened: the commit is settled, and
+// the stored order answered 201 too. Never 503 for an order that exists.
+func TestCommitAnsweredThenFatalIsACommit(t *testing.T) {
+	b := newBroker(t, false)
+	schema := createSchema(t)
+	proxy, dbURL := newCommitProxy(t, schema)
+	s := startService(t, serviceEnv(dbURL, b))
+	user := newUser()
+	for _, c := range []struct {
+		at      fatalAt
+		settled float64
+	}{{fatalAfterCommit, 0}, {fatalInsteadOfCommit, 1}} {
+		before := metric(t, s.url, "order_commits_unanswered_total")
+		key := "fatal-" + randomHex(4)
+		proxy.armFatal(key, c.at)
+		r := do(t, "POST", s.url+"/orders", `{"amount": 42}`, "X-User-Id", user, "Idempotency-Key", key)
+		if proxy.armed.Load() != nil {
+			t.Fatalf("the proxy never met the order's COMMIT (answer %d %s)", r.status, r.body)
+		}
+		if r.status != http.StatusCreated {
+			t.Fatalf("FATAL %s: the order committed but the answer was %d %s", []string{"", "after COMMIT's answer", "instead of it"}[c.at], r.status, r.body)
+		}
+		o := r.order(t)
+		if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM orders WHERE id = $1`, o.ID); n != 1 {
+			t.Errorf("%d rows for the order answered 201", n)
+		}
+		if got := metric(t, s.url, "order_commits_unanswered_total") - before; got != c.settled {
+			t.Errorf("%v commits settled, want %v", got, c.settled)
+		}
+		readPayOrders(t, b, []string{o.ID}, 10*time.Second)
+	}
+	// The pool goes on with new connections.
+	s.createOrder(t, user, 7)
 }
 
 // The connection drops just after the service sent BEGIN, the insert and

@@ -46,12 +46,12 @@ var (
 // newServer builds the HTTP server: every route, then the middleware, behind
 // the limits a public listener needs.
 func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
-	streams *streamLimits, m *metrics) *http.Server {
+	streams *streamLimits, m *metrics, floor *claimFloor) *http.Server {
 	// Shutdown waits for requests in flight, but an event stream of a
 	// PENDING order could outlast it: streams end when shutdown begins.
 	stopStreams := make(chan struct{})
 	mux := http.NewServeMux()
-	addRoutes(mux, log, db, kafka, notes, orders, streams, m, stopStreams)
+	addRoutes(mux, log, db, kafka, notes, orders, streams, m, floor, stopStreams)
 	srv := &http.Server{
 		// traceRequests first: the request it hands on is the one the mux
 		// stamps with its route pattern, which instrument reads.
@@ -154,15 +154,15 @@ type router interface {
 
 // addRoutes is the whole API surface in one place.
 func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
-	streams *streamLimits, m *metrics, stopStreams <-chan struct{}) {
+	streams *streamLimits, m *metrics, floor *claimFloor, stopStreams <-chan struct{}) {
 	mux.Handle("POST /orders", handleCreateOrder(log, orders, m))
 	mux.Handle("GET /orders", handleListOrders(log, db))
 	mux.Handle("GET /orders/{id}", handleGetOrder(log, db))
 	mux.Handle("GET /orders/{id}/events", handleOrderEvents(log, db, notes, streams, stopStreams))
 	mux.Handle("GET /healthz", handleHealthz())
 	mux.Handle("GET /readyz", handleReadyz(log, db, kafka))
-	mux.Handle("GET /metrics", handleMetrics(m, func(ctx context.Context) (outboxStats, error) {
-		return getOutboxStats(ctx, db)
+	mux.Handle("GET /metrics", handleMetrics(m, func(ctx context.Context) (databaseGauges, error) {
+		return getDatabaseGauges(ctx, db, floor.get())
 	}))
 	mux.Handle("GET /openapi.yaml", handleFile("application/yaml", openapiYAML))
 	mux.Handle("GET /asyncapi.yaml", handleFile("application/yaml", asyncapiYAML))
@@ -202,6 +202,10 @@ func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.H
 			}
 			idemKey = &k
 		}
+		if orders.full() {
+			writeOverloaded(w, r, log)
+			return
+		}
 		if !acceptedBodyType(r.Header.Get("Content-Type")) {
 			w.Header().Set("Accept", "application/json")
 			writeProblem(w, http.StatusUnsupportedMediaType, "the request body must be application/json")
@@ -237,6 +241,9 @@ func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.H
 		switch {
 		case errors.Is(err, errIdempotencyConflict):
 			writeProblem(w, http.StatusConflict, "this Idempotency-Key was already used with a different request body")
+			return
+		case errors.Is(err, errOverloaded):
+			writeOverloaded(w, r, log)
 			return
 		case err != nil:
 			writeDBError(w, r, log, err)
@@ -610,6 +617,14 @@ func writeDBError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err 
 	}
 	log.ErrorContext(r.Context(), "request failed", "route", r.Pattern, "err", err)
 	writeProblem(w, http.StatusInternalServerError, "internal error")
+}
+
+// writeOverloaded answers a POST /orders refused unwritten: more orders are
+// arriving than the writers can commit.
+func writeOverloaded(w http.ResponseWriter, r *http.Request, log *slog.Logger) {
+	log.WarnContext(r.Context(), "order refused: more orders are arriving than can be written", repeatsKey, "order refused")
+	w.Header().Set("Retry-After", "1")
+	writeProblem(w, http.StatusServiceUnavailable, "more orders are arriving than can be written; nothing was stored, retry later")
 }
 
 // problem is an RFC 9457 problem details object.

@@ -74,6 +74,7 @@ type config struct {
 	GroupProtocol     string
 	CreateBatchMax    int
 	CreateWriters     int
+	CreateQueueMax    int
 	PprofAddr         string
 	StreamsMax        int
 	StreamsPerUser    int
@@ -109,6 +110,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		GroupProtocol:     e.oneOf("KAFKA_GROUP_PROTOCOL", groupProtocolConsumer, groupProtocolClassic),
 		CreateBatchMax:    e.num("CREATE_BATCH_MAX", 64, 1, 1000),
 		CreateWriters:     e.num("CREATE_WRITERS", 2, 1, 64),
+		CreateQueueMax:    e.num("CREATE_QUEUE_MAX", 512, 1, 100_000),
 		PprofAddr:         e.str("PPROF_ADDR", ""),
 		StreamsMax:        e.num("STREAMS_MAX", 1000, 1, 1_000_000),
 		StreamsPerUser:    e.num("STREAMS_PER_USER", 10, 1, 10_000),
@@ -324,14 +326,15 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 		return ordersNotPending(ctx, db, orderIDs) // only the event streams subscribe to one payload
 	}
 	wg.Go(func() { notes.run(workCtx) })
-	orders := newOrderWriter(db, cfg.topic(topicPayOrder), cfg.CreateBatchMax, m,
+	orders := newOrderWriter(db, cfg.topic(topicPayOrder), cfg.CreateBatchMax, cfg.CreateQueueMax, m,
 		func() { notes.announce(outboxChannel) })
 	// Few writers make big batches: while one waits for its commit, the
 	// requests arriving meanwhile gather for the next one.
 	wg.Go(func() { orders.run(workCtx, cfg.CreateWriters) })
 	wake, _ := notes.subscribe(outboxChannel, "")
+	floor := &claimFloor{}
 	r := &relay{db: db, kafka: producer, log: log, metrics: m, wake: wake, batchSize: cfg.RelayBatchSize,
-		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout}
+		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout, floor: floor}
 	wg.Go(func() { r.run(workCtx, abortCtx) })
 	wg.Go(func() { c.run(workCtx, abortCtx) })
 	if cfg.DemoPayments {
@@ -344,7 +347,7 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 		})
 	}
 	m.streams = newStreamLimits(maxStreams, cfg.StreamsPerUser, cfg.StreamLifetime)
-	p.srv = newServer(log, db, producer, notes, orders, m.streams, m)
+	p.srv = newServer(log, db, producer, notes, orders, m.streams, m, floor)
 	return p
 }
 

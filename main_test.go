@@ -793,7 +793,7 @@ func checkMonitoring(t *testing.T, promtool string, families map[string]string) 
 	if len(exprs) < 20 {
 		t.Errorf("the dashboard has %d queries", len(exprs))
 	}
-	metricRE := regexp.MustCompile(`\b(?:orders?|outbox|payment_results|http|go|process)_[a-z0-9_]+\b`)
+	metricRE := regexp.MustCompile(`\b(?:orders?|outbox|payment_results|http|database|go|process)_[a-z0-9_]+\b`)
 	for _, name := range metricRE.FindAllString(string(rules)+"\n"+strings.Join(exprs, "\n"), -1) {
 		family := name
 		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
@@ -835,7 +835,7 @@ func TestSharedCommitKeepsPerRequestOutcomes(t *testing.T) {
 		t.Fatal(err)
 	}
 	var announced atomic.Int32 // commits that wrote outbox rows
-	w := newOrderWriter(db, "pay-order", 64, newMetrics(), func() { announced.Add(1) })
+	w := newOrderWriter(db, "pay-order", 64, 512, newMetrics(), func() { announced.Add(1) })
 	key := func(s string) *string { return &s }
 	order := func(user string, amount int64, k *string) newOrder {
 		return newOrder{ID: newUUID(), UserID: user, Amount: amount, IdempotencyKey: k, RequestHash: []byte{byte(amount)}}
@@ -928,5 +928,114 @@ func TestPaymentResultsKeepToTheIndexAsOrdersGrow(t *testing.T) {
 	})
 	if read := tableStat(t, dbURL, "orders", "seq_tup_read"); read >= 100_000 {
 		t.Errorf("sequential scans read %d rows of orders: the consumer's plan scanned the whole table", read)
+	}
+}
+
+// More orders than the writers can take: the queue holds CREATE_QUEUE_MAX and
+// whatever arrives past it is refused at once, 503 with Retry-After, nothing
+// stored; the queued ones are written once a writer is free. A queued request
+// whose time runs too short while it waits is answered 503 before it joins a
+// batch, rather than give the batch its deadline. The one writer is held by a
+// lock the test owns: its request waits on the test's uncommitted row with the
+// same Idempotency-Key.
+func TestOverloadIsRefusedAtOnce(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	const queueMax = 4
+	env := serviceEnv(dbURL, b)
+	env["CREATE_WRITERS"], env["CREATE_BATCH_MAX"], env["CREATE_QUEUE_MAX"] = "1", "1", strconv.Itoa(queueMax)
+	s := startService(t, env)
+	user := newUser()
+	hold := func(key string) pgx.Tx {
+		tx, err := schemaPool(t, dbURL).Begin(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { tx.Rollback(context.Background()) }) //nolint:errcheck // a no-op once released
+		if _, err := tx.Exec(context.Background(), `INSERT INTO orders (id, user_id, amount, idempotency_key, request_hash)
+			VALUES ($1, $2, 1, $3, '\x00')`, newUUID(), user, key); err != nil {
+			t.Fatal(err)
+		}
+		return tx
+	}
+	// post sends n orders at once, after the one the writer is held on, and
+	// returns their answers and how long each took.
+	type answer struct {
+		r    response
+		took time.Duration
+	}
+	post := func(phase string, n int, release func()) (held response, answers []answer) {
+		heldDone := make(chan response, 1)
+		go func() {
+			heldDone <- do(t, "POST", s.url+"/orders", `{"amount": 1}`, "X-User-Id", user, "Idempotency-Key", phase+"-held")
+		}()
+		waitFor(t, 5*time.Second, "the writer held on the lock", func() bool {
+			return count(t, dbURL, `SELECT count(*) FROM pg_locks WHERE NOT granted`) > 0
+		})
+		var mu sync.Mutex
+		var wg sync.WaitGroup
+		for i := range n {
+			wg.Go(func() {
+				start := time.Now()
+				r := do(t, "POST", s.url+"/orders", `{"amount": 2}`, "X-User-Id", user, "Idempotency-Key", fmt.Sprint(phase, i))
+				mu.Lock()
+				answers = append(answers, answer{r, time.Since(start)})
+				mu.Unlock()
+			})
+			if i < queueMax { // the first ones take the queue's places, in order
+				waitFor(t, 5*time.Second, "a request queued", func() bool { return metric(t, s.url, "order_queue_waiting") == float64(i+1) })
+			}
+		}
+		released := make(chan struct{})
+		go func() {
+			defer close(released)
+			release()
+		}()
+		wg.Wait()
+		<-released
+		return <-heldDone, answers
+	}
+
+	// Held 0.5 s: the queued orders are written, the rest refused at once.
+	first := hold("first-held")
+	held, answers := post("first", queueMax+6, func() { time.Sleep(500 * time.Millisecond); first.Rollback(context.Background()) }) //nolint:errcheck // the test's own row
+	if held.status != http.StatusCreated {
+		t.Errorf("the held request: %d %s", held.status, held.body)
+	}
+	var created, refused int
+	for _, a := range answers {
+		switch {
+		case a.r.status == http.StatusCreated:
+			created++
+		case a.r.status == http.StatusServiceUnavailable && a.r.header.Get("Retry-After") != "" && a.took < 200*time.Millisecond:
+			refused++
+		default:
+			t.Errorf("an order answered %d after %s: %s", a.r.status, a.took, a.r.body)
+		}
+	}
+	if created != queueMax || refused != 6 {
+		t.Errorf("%d created and %d refused at once, want %d and 6", created, refused, queueMax)
+	}
+	if got := metric(t, s.url, `orders_refused_total{reason="queue_full"}`); got != 6 {
+		t.Errorf(`orders_refused_total{reason="queue_full"} %v, want 6`, got)
+	}
+
+	// Held 2.2 s: the queued requests have under minWriteTime left when the
+	// writer is free, and are answered 503 without being written.
+	second := hold("second-held")
+	_, answers = post("second", queueMax, func() {
+		time.Sleep(requestDBTimeout - minWriteTime + 200*time.Millisecond)
+		second.Rollback(context.Background()) //nolint:errcheck // as above
+	})
+	for _, a := range answers {
+		if a.r.status != http.StatusServiceUnavailable || a.r.header.Get("Retry-After") == "" || a.took > requestDBTimeout {
+			t.Errorf("a request queued past its time: %d after %s, want 503 within %s: %s", a.r.status, a.took, requestDBTimeout, a.r.body)
+		}
+	}
+	if got := metric(t, s.url, `orders_refused_total{reason="late"}`); got != queueMax {
+		t.Errorf(`orders_refused_total{reason="late"} %v, want %d`, got, queueMax)
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE idempotency_key LIKE 'second_'`); n != 0 {
+		t.Errorf("%d of the orders answered 503 were written", n)
 	}
 }

@@ -30,6 +30,8 @@ type metrics struct {
 	resultsIgnored    atomic.Int64
 	partitionsOwned   atomic.Int64 // of payment-results, by this group member
 	deadLettered      [len(dlqReasons)]atomic.Int64
+	ordersRefused     [len(refusedReasons)]atomic.Int64
+	orderQueue        chan *createRequest // POST /orders waiting for a writer
 
 	// The pipeline, from an order's commit to its result.
 	publishLatency *histogram // commit → the broker's ack of its pay-order record
@@ -99,6 +101,16 @@ var (
 	publishBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
 	resultBuckets  = []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600}
 	batchBuckets   = []float64{1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000}
+)
+
+// refusedReasons are why a POST /orders was refused unwritten, more orders
+// arriving than the writers can commit: the queue was full, or the request
+// had waited too long in it to be written in time.
+var refusedReasons = [...]string{"queue_full", "late"}
+
+const (
+	refusedQueueFull = iota
+	refusedLate
 )
 
 // dlqReasons are the classes of payment results sent to the DLQ: a value
@@ -180,19 +192,23 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 // Unwrap lets http.ResponseController reach Flush for Server-Sent Events.
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// outboxStats are read from the database at scrape time.
-type outboxStats struct {
-	Backlog         int64
-	OldestAgeSecond float64
-}
-
-func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
+func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error) {
 	counter := func(name, help string, v int64) {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
 	}
 	counter("orders_created_total", "Orders created (idempotent replays excluded).", m.ordersCreated.Load())
 	counter("order_write_batches_total", "Transactions that wrote orders; orders_created_total / this = orders per commit.", m.orderBatches.Load())
 	counter("order_commits_unanswered_total", "Order commits whose answer was lost, settled by ending their server process and looking for the orders.", m.commitsUnanswered.Load())
+	fmt.Fprintf(w, "# HELP orders_refused_total POST /orders refused unwritten (503) because more arrived than the writers can commit: "+
+		"queue_full (refused at once), late (waited too long in the queue).\n# TYPE orders_refused_total counter\n")
+	for i, reason := range refusedReasons {
+		fmt.Fprintf(w, "orders_refused_total{reason=%q} %d\n", reason, m.ordersRefused[i].Load())
+	}
+	if m.orderQueue != nil {
+		fmt.Fprintf(w, "# HELP order_queue_waiting POST /orders waiting for a writer now.\n# TYPE order_queue_waiting gauge\norder_queue_waiting %d\n", len(m.orderQueue))
+		fmt.Fprintf(w, "# HELP order_queue_max POST /orders that may wait for a writer (CREATE_QUEUE_MAX); past it, 503 at once.\n"+
+			"# TYPE order_queue_max gauge\norder_queue_max %d\n", cap(m.orderQueue))
+	}
 	counter("outbox_events_published_total", "Outbox events published to Kafka.", m.eventsPublished.Load())
 	counter("outbox_publish_errors_total", "Relay batches that failed and were retried.", m.publishErrors.Load())
 	fmt.Fprintf(w, "# HELP payment_results_applied_total Payment results that changed an order's status.\n"+
@@ -223,13 +239,30 @@ func (m *metrics) write(w io.Writer, stats outboxStats, statsErr error) {
 	if statsErr != nil {
 		up = 0
 	}
-	fmt.Fprintf(w, "# HELP outbox_stats_up Whether the outbox gauges below could be read from the database.\n"+
+	fmt.Fprintf(w, "# HELP outbox_stats_up Whether the outbox and database gauges below could be read from the database.\n"+
 		"# TYPE outbox_stats_up gauge\noutbox_stats_up %d\n", up)
 	if statsErr == nil {
 		fmt.Fprintf(w, "# HELP outbox_backlog Unpublished outbox rows.\n# TYPE outbox_backlog gauge\noutbox_backlog %d\n", stats.Backlog)
 		fmt.Fprintf(w, "# HELP outbox_oldest_unpublished_age_seconds Age of the oldest unpublished outbox row (0 when none).\n"+
 			"# TYPE outbox_oldest_unpublished_age_seconds gauge\noutbox_oldest_unpublished_age_seconds %s\n",
 			strconv.FormatFloat(stats.OldestAgeSecond, 'f', -1, 64))
+		fmt.Fprintf(w, "# HELP outbox_dead_rows Outbox rows deleted and not yet removed by vacuum (PostgreSQL's estimate).\n"+
+			"# TYPE outbox_dead_rows gauge\noutbox_dead_rows %d\n", stats.DeadRows)
+		fmt.Fprintf(w, "# HELP database_xmin_horizon_age_transactions How many transactions old the xmin held by the oldest holder of vacuum's horizon of each kind is (0 when none); "+
+			"rows deleted after it cannot be removed.\n# TYPE database_xmin_horizon_age_transactions gauge\n")
+		for _, kind := range horizonKinds {
+			fmt.Fprintf(w, "database_xmin_horizon_age_transactions{holder=%q} %d\n", kind, stats.Horizon[kind].Transactions)
+		}
+		fmt.Fprintf(w, "# HELP database_xmin_horizon_age_seconds Seconds since the oldest transaction holding vacuum's horizon began, "+
+			"by holder (0 when none; a session of another role counts only if this one may read its start, pg_read_all_stats).\n"+
+			"# TYPE database_xmin_horizon_age_seconds gauge\n")
+		for _, kind := range []string{"session", "prepared_transaction"} {
+			var secs float64
+			if s := stats.Horizon[kind].Seconds; s != nil {
+				secs = max(0, *s)
+			}
+			fmt.Fprintf(w, "database_xmin_horizon_age_seconds{holder=%q} %s\n", kind, strconv.FormatFloat(secs, 'f', -1, 64))
+		}
 	}
 
 	m.mu.Lock()
@@ -306,8 +339,8 @@ func (m *metrics) writeLag(ctx context.Context, w io.Writer) {
 	}
 }
 
-// handleMetrics serves /metrics; the outbox gauges cost one indexed query.
-func handleMetrics(m *metrics, stats func(context.Context) (outboxStats, error)) http.Handler {
+// handleMetrics serves /metrics; the database gauges cost one round trip.
+func handleMetrics(m *metrics, stats func(context.Context) (databaseGauges, error)) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()

@@ -3,7 +3,9 @@ package main
 // orderwriter.go writes orders: concurrent POST /orders share a commit. A commit waits for
 // its WAL flush; while one transaction waits, requests that arrive queue up,
 // and the next transaction takes them all. Under light load every batch holds
-// one request and nothing waits for company.
+// one request and nothing waits for company. Under more than the writers can
+// commit, the queue is full and what arrives is refused at once, so that the
+// writers keep writing full batches of requests that still have time.
 
 import (
 	"cmp"
@@ -28,22 +30,47 @@ type orderWriter struct {
 	db       *pgxpool.Pool
 	topic    string
 	maxBatch int
-	queue    chan *createRequest
+	queue    chan *createRequest // waiting for a writer, at most CREATE_QUEUE_MAX
 	metrics  *metrics
 	created  func() // after a commit that wrote outbox rows: wakes the relays
 }
 
-func newOrderWriter(db *pgxpool.Pool, topic string, maxBatch int, m *metrics, created func()) *orderWriter {
-	return &orderWriter{db: db, topic: topic, maxBatch: maxBatch, queue: make(chan *createRequest), metrics: m, created: created}
+func newOrderWriter(db *pgxpool.Pool, topic string, maxBatch, queueMax int, m *metrics, created func()) *orderWriter {
+	w := &orderWriter{db: db, topic: topic, maxBatch: maxBatch, queue: make(chan *createRequest, queueMax),
+		metrics: m, created: created}
+	m.orderQueue = w.queue
+	return w
 }
 
-// create writes one order, in a transaction it may share with others.
+// errOverloaded: the request was refused unwritten, because more orders are
+// arriving than the writers can commit. A retry after a moment is safe.
+var errOverloaded = errors.New("more orders are arriving than can be written")
+
+// minWriteTime is the least time a request must have left when a writer takes
+// it: enough for its batch's commit with room to spare. A request with less
+// has waited too long and is answered errOverloaded, so that it never makes
+// the batch it would join end early.
+const minWriteTime = requestDBTimeout / 5
+
+// full says that a request would be refused now: the handler asks before it
+// reads the body, so that refusing costs as little as it can.
+func (w *orderWriter) full() bool {
+	if len(w.queue) < cap(w.queue) {
+		return false
+	}
+	w.metrics.ordersRefused[refusedQueueFull].Add(1)
+	return true
+}
+
+// create writes one order, in a transaction it may share with others. When
+// the queue is full it refuses the request at once (errOverloaded).
 func (w *orderWriter) create(ctx context.Context, in newOrder) (createResult, error) {
 	req := &createRequest{ctx: ctx, in: in, done: make(chan createResult, 1)}
 	select {
 	case w.queue <- req:
-	case <-ctx.Done():
-		return createResult{}, ctx.Err()
+	default:
+		w.metrics.ordersRefused[refusedQueueFull].Add(1)
+		return createResult{}, errOverloaded
 	}
 	// A worker holds the request now and answers it, even past ctx's
 	// deadline when it must settle a COMMIT whose answer was lost: an
@@ -84,9 +111,15 @@ func (w *orderWriter) run(ctx context.Context, workers int) {
 }
 
 func (w *orderWriter) write(batch []*createRequest) {
+	now := time.Now()
 	live := slices.DeleteFunc(batch, func(r *createRequest) bool {
-		if r.ctx.Err() != nil {
+		switch d, ok := r.ctx.Deadline(); {
+		case r.ctx.Err() != nil:
 			r.done <- createResult{Err: r.ctx.Err()} // its caller gave up
+			return true
+		case ok && d.Sub(now) < minWriteTime:
+			w.metrics.ordersRefused[refusedLate].Add(1)
+			r.done <- createResult{Err: errOverloaded}
 			return true
 		}
 		return false
@@ -104,8 +137,9 @@ func (w *orderWriter) write(batch []*createRequest) {
 	}
 	// The transaction must end by the time the first of its callers stops
 	// waiting: an order written after its request was answered 503 would
-	// surprise the client that retries without an Idempotency-Key.
-	deadline := time.Now().Add(requestDBTimeout)
+	// surprise the client that retries without an Idempotency-Key. Every
+	// caller has minWriteTime left at least, so the batch has too.
+	deadline := now.Add(requestDBTimeout)
 	for _, r := range live {
 		if d, ok := r.ctx.Deadline(); ok && d.Before(deadline) {
 			deadline = d
@@ -164,30 +198,44 @@ const settleTimeout = 2 * time.Second
 // gone the transaction is over for good, and each request's order either
 // exists, with the id it was given here, or does not (orderAnswers). Unlike
 // asking about a transaction id, this needs nothing from the lost answer.
-// The error is errCommitOutcomeUnknown if the database could not be asked.
+// Both steps run on one connection, checked to be the primary's
+// (endBackend): a standby, where the pool may land with a multi-host
+// DATABASE_URL that does not ask for a writable server, would say that the
+// process is gone and the orders not written. The error is
+// errCommitOutcomeUnknown if the database could not be asked.
 func (w *orderWriter) settle(u *commitUnknownError, in []newOrder) ([]createResult, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), settleTimeout)
 	defer cancel()
-	unknown := func(err error) error {
-		return fmt.Errorf("%w (server process %d: %w): %w", errCommitOutcomeUnknown, u.pid, err, u.err)
-	}
-	err := retry(ctx, func(ctx context.Context) error {
-		gone, err := endBackend(ctx, w.db, u.pid, time.Second)
-		if !gone && err == nil {
-			err = errors.New("still running")
-		}
-		return err
-	}, func(error, time.Duration) bool { return true })
-	if err != nil {
-		return nil, unknown(err)
-	}
 	ids := make([]string, len(in))
 	for i, r := range in {
 		ids[i] = r.ID
 	}
-	found, err := getOrdersByID(ctx, w.db, ids)
+	var results []createResult
+	err := retry(ctx, func(ctx context.Context) error {
+		conn, err := w.db.Acquire(ctx)
+		if err != nil {
+			return err
+		}
+		defer conn.Release()
+		gone, err := endBackend(ctx, conn, u.proc, time.Second)
+		switch {
+		case errors.Is(err, errReadOnly):
+			conn.Conn().Close(ctx) //nolint:errcheck // so that the pool connects anew
+			return err
+		case err != nil:
+			return err
+		case !gone:
+			return errors.New("still running")
+		}
+		found, err := getOrdersByID(ctx, conn, ids)
+		if err != nil {
+			return err
+		}
+		results = orderAnswers(ctx, conn, in, found, false)
+		return nil
+	}, func(error, time.Duration) bool { return true })
 	if err != nil {
-		return nil, unknown(err)
+		return nil, fmt.Errorf("%w (server process %d: %w): %w", errCommitOutcomeUnknown, u.proc.PID, err, u.err)
 	}
-	return orderAnswers(ctx, w.db, in, found, false), nil
+	return results, nil
 }

@@ -27,13 +27,10 @@ type relay struct {
 	pollInterval   time.Duration // fallback when a NOTIFY is lost
 	produceTimeout time.Duration // bounds how long a batch waits for the broker
 	metrics        *metrics
+	floor          *claimFloor // where the claims begin, shared by the workers
 
 	wake <-chan struct{} // new outbox rows announced, or the listener reconnected
 }
-
-// leaseMargin is how much longer than the produce deadline a claim's lease
-// lasts: the time to delete or release its rows once the broker has answered.
-const leaseMargin = 5 * time.Second
 
 // run publishes until ctx is cancelled, then returns after the batches in
 // flight have been published and deleted, or given up when abort ends first
@@ -47,7 +44,6 @@ const leaseMargin = 5 * time.Second
 func (r *relay) run(ctx, abort context.Context) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
-	wg.Go(func() { r.deleteFormerlyPublished(ctx) })
 	help := make(chan struct{}, 1)
 	for range r.workers - 1 {
 		wg.Go(func() { r.assist(ctx, abort, help) })
@@ -142,7 +138,11 @@ func newProducerClient(brokers []string) (*kgo.Client, error) {
 // trip; none is open while the broker is asked. ctx is not the run's ctx but
 // its abort: shutdown lets the current batch finish if it can.
 func (r *relay) publishBatch(ctx context.Context) (int, error) {
-	claimed, err := r.claim(ctx)
+	// A claim is not cut short by shutdown: cut, it could leave its rows
+	// leased, with nobody to publish them until the lease ends. It ends
+	// (in milliseconds, unless the database is failing), and its rows are
+	// given back below.
+	claimed, err := r.claim(context.WithoutCancel(ctx))
 	if err != nil || len(claimed) == 0 {
 		return 0, err
 	}
@@ -150,7 +150,11 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	// a partition without a leader must not hold back the events of the
 	// others. The failed rows are released for the next try; a failed
 	// record that did reach the broker will be sent again: at least once.
-	acked, produceErr := r.produce(ctx, claimed)
+	var acked []ackedRow
+	var produceErr error
+	if ctx.Err() == nil {
+		acked, produceErr = r.produce(ctx, claimed)
+	}
 	if err := r.finish(ctx, claimed, acked); err != nil {
 		// The rows stay claimed until their lease ends, then are
 		// published again: at least once.
@@ -159,32 +163,62 @@ func (r *relay) publishBatch(ctx context.Context) (int, error) {
 	return len(acked), produceErr
 }
 
-// claim takes up to batchSize unpublished rows for a lease of the produce
-// deadline and a margin, in one round trip: BEGIN, the planner's settings,
-// the claim, COMMIT.
+// leaseFor is how long a claim leases its rows: the claim, the produce and
+// the delete each end within their deadline (dbStepTimeout, produceTimeout,
+// dbStepTimeout) of the step before, so the whole batch ends within their sum
+// of the moment before the claim. The database counts the lease from its
+// claim transaction's start, which comes after that moment: no other relay
+// can claim the rows while this one may still publish or delete them.
+func leaseFor(produceTimeout time.Duration) time.Duration {
+	return dbStepTimeout + produceTimeout + dbStepTimeout
+}
+
+// claim takes up to batchSize unpublished rows for leaseFor, from the floor,
+// and moves the floor past what is gone, in one round trip: BEGIN, the
+// planner's settings, the claim, the next floor, COMMIT.
 func (r *relay) claim(ctx context.Context) ([]outboxRow, error) {
 	ctx, cancel := context.WithTimeout(ctx, dbStepTimeout)
 	defer cancel()
+	floor := r.floor.get()
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
-	queuePlannerOff(b, "enable_sort", "enable_seqscan")
-	claim := queueClaimOutbox(b, r.batchSize, r.produceTimeout+leaseMargin)
-	if err := r.commit(ctx, b); err != nil {
+	queuePlannerOff(b, claimPlan...)
+	claim := queueClaimOutbox(b, floor, r.batchSize, leaseFor(r.produceTimeout))
+	next := queueNextFloor(b, floor)
+	if committed, err := sendTx(ctx, r.db, b); !committed {
 		return nil, fmt.Errorf("claim: %w", err)
 	}
+	r.floor.set(*next)
 	return *claim, nil
 }
 
-// commit sends b, a transaction that BeginTx opened, and COMMIT, as one round
-// trip.
-func (r *relay) commit(ctx context.Context, b *pgx.Batch) error {
-	b.Queue(`COMMIT`)
-	br := r.db.SendBatch(ctx, b)
-	defer br.Tx().Rollback(ctx) //nolint:errcheck // ends a transaction that failed; a no-op after COMMIT
-	return br.Close()
+// claimFloor is the relay's memory of where the outbox rows still to publish
+// begin (outboxFloor), kept by this process alone: each claim moves it, and
+// a relay that starts begins at the start of the table. /metrics reads the
+// backlog from it too.
+type claimFloor struct {
+	mu    sync.Mutex
+	floor outboxFloor
 }
 
-// dbStepTimeout bounds each of the relay's transactions: one statement each.
+func (c *claimFloor) get() outboxFloor {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.floor
+}
+
+// set keeps the higher of two floors. Each is true from the moment its
+// snapshot was taken on, so either may stand; workers claiming side by side
+// finish in any order.
+func (c *claimFloor) set(f outboxFloor) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cmp.Or(cmp.Compare(f.XID, c.floor.XID), cmp.Compare(f.ID, c.floor.ID)) >= 0 {
+		c.floor = f
+	}
+}
+
+// dbStepTimeout bounds each of the relay's transactions: one round trip each.
 const dbStepTimeout = 5 * time.Second
 
 // ackedRow is a claimed row whose record the broker acknowledged, at at.
@@ -254,26 +288,26 @@ func (r *relay) finish(ctx context.Context, claimed []outboxRow, acked []ackedRo
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), dbStepTimeout)
 	defer cancel()
 	published := make(map[int64]bool, len(acked))
-	ids := make([]int64, len(acked))
+	done := make([]outboxRow, len(acked))
 	for i, a := range acked {
-		ids[i], published[a.row.ID] = a.row.ID, true
+		done[i], published[a.row.ID] = a.row, true
 	}
-	var failed []int64
+	var failed []outboxRow
 	for _, row := range claimed {
 		if !published[row.ID] {
-			failed = append(failed, row.ID)
+			failed = append(failed, row)
 		}
 	}
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
-	queuePlannerOff(b, "enable_seqscan")
-	if len(ids) > 0 {
-		queueDeletePublished(b, ids)
+	queuePlannerOff(b, finishPlan...)
+	if len(done) > 0 {
+		queueDeletePublished(b, done)
 	}
 	if len(failed) > 0 {
 		queueReleaseClaims(b, failed, *claimed[0].LeaseUntil)
 	}
-	if err := r.commit(ctx, b); err != nil {
+	if committed, err := sendTx(ctx, r.db, b); !committed {
 		return fmt.Errorf("delete published rows: %w", err)
 	}
 	r.metrics.eventsPublished.Add(int64(len(acked)))
@@ -359,41 +393,4 @@ func (r *relay) pause(ctx context.Context, d time.Duration, down bool) (back boo
 		sleep(ctx, time.Until(step))
 	}
 	return false
-}
-
-// deleteFormerlyPublished deletes, once at start, the rows a former version
-// of the service marked published and kept for a purge by age, a batch at a
-// time so that no statement holds many rows. Rows published now are deleted
-// as they are published.
-func (r *relay) deleteFormerlyPublished(ctx context.Context) {
-	const batch = 1000
-	for ctx.Err() == nil {
-		n, err := r.purge(ctx, batch)
-		if err != nil {
-			if ctx.Err() == nil {
-				r.log.WarnContext(ctx, "relay: could not delete formerly published rows; the next start will", "err", err)
-			}
-			return
-		}
-		if n < batch {
-			return
-		}
-	}
-}
-
-// purge deletes up to limit formerly published rows in one round trip. With
-// sequential scans off, as in the claim: planned on a table it believed
-// small, the delete read the whole outbox twice at every start, the backlog
-// of an outage included; now it walks the primary key once.
-func (r *relay) purge(ctx context.Context, limit int) (int64, error) {
-	ctx, cancel := context.WithTimeout(ctx, dbStepTimeout)
-	defer cancel()
-	b := &pgx.Batch{}
-	b.BeginTx(pgx.TxOptions{})
-	queuePlannerOff(b, "enable_seqscan")
-	deleted := queueDeleteFormerlyPublished(b, limit)
-	if err := r.commit(ctx, b); err != nil {
-		return 0, fmt.Errorf("delete formerly published rows: %w", err)
-	}
-	return *deleted, nil
 }

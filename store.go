@@ -78,32 +78,38 @@ type createResult struct {
 // every order commit wait for the one before it. The caller wakes the relays
 // once the commit is done (see notifier.announce).
 //
-// When the pipeline was sent but its answer did not come back (the
-// connection broke, or ctx ended while the server was still at work), the
-// outcome is unknown to us: the error is a *commitUnknownError naming the
-// server process that holds the transaction, so that the caller can end that
-// process and then look for the orders (orderWriter.settle).
+// The outcome is read from the answers as they come. COMMIT's own answer
+// (CommandComplete) means the orders are stored, whatever follows it: a
+// server process told to terminate while it flushes a commit (a fast
+// shutdown, pg_terminate_backend, a switchover) finishes the commit, answers
+// it, and only then sends FATAL. A statement's ERROR before that means the
+// server skipped the rest, COMMIT included: nothing is stored. Anything else
+// after the pipeline was sent (the connection broke, a FATAL or PANIC came
+// first, ctx ended while the server was still at work) leaves the outcome
+// unknown: the error is a *commitUnknownError naming the server process that
+// held the transaction, so that the caller can end that process and then look
+// for the orders (orderWriter.settle).
 func createOrders(ctx context.Context, db *pgxpool.Pool, topic string, in []newOrder) ([]createResult, error) {
 	conn, err := db.Acquire(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("write orders: %w", err)
 	}
-	defer conn.Release()
+	proc := serverProcessOf(conn.Conn().PgConn())
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
 	inserted := queueInsertOrders(b, topic, in)
-	b.Queue(`COMMIT`)
-	br := conn.SendBatch(ctx, b)
-	tx := br.Tx()
-	defer tx.Rollback(ctx) //nolint:errcheck // a no-op once COMMIT ended the transaction
-	if err := br.Close(); err != nil {
-		var pgErr *pgconn.PgError
-		if !errors.As(err, &pgErr) && !pgconn.SafeToRetry(err) {
-			return nil, &commitUnknownError{pid: serverPID(conn.Conn().PgConn()), err: err}
-		}
+	committed, err := sendTx(ctx, conn, b)
+	conn.Release() // before the lookups below: after a FATAL it is closed
+	var pgErr *pgconn.PgError
+	switch {
+	case committed:
+		// Replays are looked up on the pool: the connection may be gone.
+		return orderAnswers(ctx, db, in, inserted, true), nil
+	case errors.As(err, &pgErr) && pgErr.Severity == "ERROR", pgconn.SafeToRetry(err):
 		return nil, fmt.Errorf("write orders: %w", err)
+	default:
+		return nil, &commitUnknownError{proc: proc, err: err}
 	}
-	return orderAnswers(ctx, conn, in, inserted, true), nil
 }
 
 // orderAnswers gives each request its answer once its transaction is over:
@@ -151,14 +157,14 @@ func orderAnswers(ctx context.Context, db dbtx, in []newOrder, inserted map[stri
 var errNotWritten = errors.New("the order was not stored: its transaction rolled back")
 
 // commitUnknownError is a pipeline whose answer was lost: the server process
-// pid may have committed its transaction, may yet, or may not.
+// proc may have committed its transaction, may yet, or may not.
 type commitUnknownError struct {
-	pid uint32
-	err error
+	proc serverProcess
+	err  error
 }
 
 func (e *commitUnknownError) Error() string {
-	return fmt.Sprintf("orders' commit unanswered by server process %d: %v", e.pid, e.err)
+	return fmt.Sprintf("orders' commit unanswered by server process %d: %v", e.proc.PID, e.err)
 }
 
 func (e *commitUnknownError) Unwrap() error { return e.err }
@@ -257,35 +263,48 @@ func notify(ctx context.Context, db dbtx, channel, payload string) error {
 	return nil
 }
 
-// backendPID asks the server which process serves this connection.
-func backendPID(ctx context.Context, db dbtx) (uint32, error) {
-	var pid int32
-	if err := db.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
-		return 0, fmt.Errorf("server process id: %w", err)
-	}
-	return uint32(pid), nil
+// serverProcess is the server process behind a connection: its id, and when
+// it started, since an id is reused once its process has exited.
+type serverProcess struct {
+	PID   uint32
+	Start time.Time
 }
 
-// endBackend ends the server process pid, if it is still there, and waits
-// for it to exit, for at most wait: then its transaction is over, committed or
+// getServerProcess asks the server which process serves this connection.
+func getServerProcess(ctx context.Context, db dbtx) (serverProcess, error) {
+	var p serverProcess
+	var pid int32
+	err := db.QueryRow(ctx, `SELECT pid, backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid()`).Scan(&pid, &p.Start)
+	if err != nil {
+		return p, fmt.Errorf("server process: %w", err)
+	}
+	p.PID = uint32(pid)
+	return p, nil
+}
+
+// endBackend ends the server process p, if it is still there, and waits for
+// it to exit, for at most wait: then its transaction is over, committed or
 // rolled back, and will not change. It reports whether the process is gone.
-// Only a process of this service's own role is ended: should pid have been
-// reused since, the new process is one of ours, and what ending it costs is
-// one connection, never a wrong answer.
-func endBackend(ctx context.Context, db dbtx, pid uint32, wait time.Duration) (bool, error) {
+// A process with p's id but a later start is another one, which has reused
+// the id, and is left alone; so is a process of another role. It refuses
+// to conclude anything on a server in recovery, a standby, where the process
+// would look gone: errReadOnly.
+func endBackend(ctx context.Context, db dbtx, p serverProcess, wait time.Duration) (bool, error) {
+	var standby bool
 	var ended *bool
 	err := db.QueryRow(ctx, `
-		SELECT pg_terminate_backend(pid, $2)
-		FROM pg_stat_activity
-		WHERE pid = $1 AND usename = current_user AND pid <> pg_backend_pid()`,
-		int64(pid), wait.Milliseconds()).Scan(&ended)
+		SELECT pg_is_in_recovery(),
+		       (SELECT pg_terminate_backend(pid, $3)
+		        FROM pg_stat_activity
+		        WHERE pid = $1 AND backend_start = $2 AND usename = current_user AND pid <> pg_backend_pid())`,
+		int64(p.PID), p.Start, wait.Milliseconds()).Scan(&standby, &ended)
 	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		return true, nil
 	case err != nil:
-		return false, fmt.Errorf("end server process %d: %w", pid, err)
+		return false, fmt.Errorf("end server process %d: %w", p.PID, err)
+	case standby:
+		return false, fmt.Errorf("end server process %d: %w", p.PID, errReadOnly)
 	}
-	return ended != nil && *ended, nil
+	return ended == nil || *ended, nil
 }
 
 // getOrdersByID reads the orders of ids that exist.
@@ -373,36 +392,58 @@ func listOrders(ctx context.Context, db dbtx, userID string, after pageKey, limi
 
 // outboxRow is one claimed event.
 type outboxRow struct {
-	ID          int64      `db:"id"`
-	Topic       string     `db:"topic"`
-	Key         string     `db:"key"`
-	EventID     string     `db:"event_id"`
-	Payload     []byte     `db:"payload"`
-	Traceparent *string    `db:"traceparent"`
-	Tracestate  *string    `db:"tracestate"`
-	CreatedAt   time.Time  `db:"created_at"`
-	LeaseUntil  *time.Time `db:"lease_until"` // the claim's, to release only its own rows
+	TransactionID uint64     `db:"transaction_id"` // an xid8; with ID, the row's primary key
+	ID            int64      `db:"id"`
+	Topic         string     `db:"topic"`
+	Key           string     `db:"key"`
+	EventID       string     `db:"event_id"`
+	Payload       []byte     `db:"payload"`
+	Traceparent   *string    `db:"traceparent"`
+	Tracestate    *string    `db:"tracestate"`
+	CreatedAt     time.Time  `db:"created_at"`
+	LeaseUntil    *time.Time `db:"lease_until"` // the claim's, to release only its own rows
+}
+
+// outboxKeys are the primary keys of rows, as the arrays a statement reads
+// them from.
+func outboxKeys(rows []outboxRow) (xids []uint64, ids []int64) {
+	xids, ids = make([]uint64, len(rows)), make([]int64, len(rows))
+	for i, r := range rows {
+		xids[i], ids[i] = r.TransactionID, r.ID
+	}
+	return xids, ids
+}
+
+// outboxFloor is where the outbox rows still to publish begin, in the claim
+// index's order: every such row comes at or after (XID, ID), or belongs to
+// one of Pending, transactions that were still open when the floor passed
+// them. Starting there, a claim never walks the index entries of rows
+// published before; PostgreSQL cannot remove those while anything holds
+// vacuum's xmin horizon back, and a claim from the start of the index would
+// read every one of them. The zero floor is where a relay starts: the whole
+// table.
+type outboxFloor struct {
+	XID     uint64 // an xid8
+	ID      int64
+	Pending []uint64 // xid8s
 }
 
 // queuePlannerOff queues the statement that plans the rest of the
-// transaction with the given plan types switched off ("enable_sort",
-// "enable_seqscan"). They are settings of the planner's costs, not
-// prohibitions (a plan that needs one is still found), and they end with the
-// transaction.
+// transaction with the given settings off, plan types ("enable_sort",
+// "enable_seqscan", ...) and "jit", and with no parallel workers, whose start
+// a statement of a few hundred rows never earns back. They are settings of
+// the planner's costs, not prohibitions (a plan that needs a sort still gets
+// one), and they end with the transaction.
 //
-// The relay and the consumer need them because the planner's choice depends
-// on statistics that a new or just-grown table does not have, and because a
-// generic plan, which PostgreSQL caches after a statement's fifth run on a
-// connection, stays as it was made until the next ANALYZE:
+// They are needed because the planner's choice depends on statistics that a
+// new or just-grown table does not have, and because a generic plan, which
+// PostgreSQL caches after a statement's fifth run on a connection, stays as
+// it was made until the next ANALYZE. Switching off every way but the one
+// wanted leaves the planner one plan, whatever the statistics say:
 //
-//   - The relay's claim must walk the partial index of unpublished rows in id
-//     order and stop after limit rows, however many wait. Where the planner
-//     believes the backlog small (a table never analyzed, or analyzed before
-//     an outage), it prefers to read every unpublished row and sort them, at
-//     every claim of the drain. No ordered plan but the index scan needs no
-//     sort. The relay turns off sorts and sequential scans; its delete of
-//     the published rows by id turns off sequential scans, which a plan
-//     cached while the table was nearly empty would keep as it grew.
+//   - The relay's claim must walk the outbox's primary key from its floor
+//     and stop after limit rows, however many wait (claimPlan); its delete
+//     must look up each row by its key (finishPlan).
 //   - The consumer's UPDATE of orders by id, cached while orders was small,
 //     becomes a hash join over a sequential scan of every order, where the
 //     primary key reads one row per result. The consumer turns off
@@ -410,76 +451,145 @@ type outboxRow struct {
 //
 // docs/design.md has the measurements.
 func queuePlannerOff(b *pgx.Batch, settings ...string) {
-	b.Queue(`SELECT set_config(name, 'off', true) FROM unnest($1::text[]) AS name`, settings)
+	b.Queue(`
+		SELECT set_config(name, 'off', true) FROM unnest($1::text[]) AS name
+		UNION ALL
+		SELECT set_config('max_parallel_workers_per_gather', '0', true)`, settings)
 }
 
-// queueClaimOutbox queues the statement that claims up to limit unpublished
-// rows, in id order, for lease: it stamps them with lease_until and returns
-// them; once the batch is read, *claimed holds them. The claim commits at once
-// and the rows are published outside any transaction: no transaction stays
-// open while the broker is asked, and vacuum's horizon never waits for it.
-// Until the lease ends, other claims pass the rows by; a relay that dies
-// holding them leaves them to be claimed again when it does.
+// claimPlan is what the claim and the next floor are planned with: index
+// scans of the outbox's primary key from where the statement starts reading,
+// no sort, no join but a nested loop, nothing materialized or memoized; and
+// no JIT compilation, which a statement that reads a few hundred rows never
+// earns back.
+var claimPlan = []string{"enable_seqscan", "enable_bitmapscan", "enable_sort", "enable_hashjoin", "enable_mergejoin",
+	"enable_material", "enable_memoize", "jit"}
+
+// finishPlan is what the delete and the release are planned with: each row
+// looked up by its key (outboxRowsByKey), a bitmap scan at a time.
+var finishPlan = []string{"enable_seqscan", "enable_indexscan", "enable_sort", "enable_hashjoin", "enable_mergejoin",
+	"enable_material", "enable_memoize", "jit"}
+
+// queueClaimOutbox queues the statement that claims up to limit rows from
+// floor on, in the primary key's order, for lease: it stamps them with
+// lease_until and returns them; once the batch is read, *claimed holds them.
+// The claim commits at once and the rows are published outside any
+// transaction: no transaction stays open while the broker is asked, and
+// vacuum's horizon never waits for it. Until the lease ends, other claims
+// pass the rows by; a relay that dies holding them leaves them to be claimed
+// again when it does.
 //
-// FOR UPDATE SKIP LOCKED lets several relays (and a relay's workers) claim
-// side by side: each takes rows no other claim is stamping at that moment.
-// Plan it after queuePlannerOff.
-func queueClaimOutbox(b *pgx.Batch, limit int, lease time.Duration) (claimed *[]outboxRow) {
+// The rows are chosen once, with FOR UPDATE SKIP LOCKED, so that several
+// relays (and a relay's workers) claim side by side, each taking rows no
+// other claim is stamping. The update then takes the row versions chosen by
+// their physical address (ctid): a TID scan, the one plan that reads
+// nothing else, whatever the statistics say. An address is safe to use
+// here, inside the statement that locked the row, and nowhere else: a row
+// updated since has another. Plan it with claimPlan.
+func queueClaimOutbox(b *pgx.Batch, floor outboxFloor, limit int, lease time.Duration) (claimed *[]outboxRow) {
 	claimed = new([]outboxRow)
 	b.Queue(`
-		UPDATE outbox SET lease_until = now() + $2::interval
-		WHERE id IN (
-		    SELECT id FROM outbox
-		    WHERE published_at IS NULL AND (lease_until IS NULL OR lease_until < now())
-		    ORDER BY id
-		    LIMIT $1
-		    FOR UPDATE SKIP LOCKED)
-		RETURNING id, topic, key, event_id, payload, traceparent, tracestate, created_at, lease_until`,
-		limit, lease,
+		WITH from_floor AS MATERIALIZED (
+		    SELECT ctid FROM outbox
+		    WHERE (transaction_id, id) >= ($1, $2) AND (lease_until IS NULL OR lease_until < now())
+		    ORDER BY transaction_id, id
+		    LIMIT $4
+		    FOR UPDATE SKIP LOCKED
+		), pending AS MATERIALIZED (
+		    SELECT ctid FROM outbox
+		    WHERE transaction_id = ANY($3) AND (lease_until IS NULL OR lease_until < now())
+		    LIMIT $4
+		    FOR UPDATE SKIP LOCKED
+		)
+		UPDATE outbox SET lease_until = now() + $5::interval
+		WHERE ctid = ANY(ARRAY((SELECT ctid FROM pending UNION ALL SELECT ctid FROM from_floor) LIMIT $4))
+		RETURNING transaction_id, id, topic, key, event_id, payload, traceparent, tracestate, created_at, lease_until`,
+		floor.XID, floor.ID, floor.Pending, limit, lease,
 	).Query(func(rows pgx.Rows) error {
 		var err error
 		if *claimed, err = pgx.CollectRows(rows, pgx.RowToStructByName[outboxRow]); err != nil {
 			return fmt.Errorf("claim outbox: %w", err)
 		}
-		slices.SortFunc(*claimed, func(a, b outboxRow) int { return cmp.Compare(a.ID, b.ID) })
+		slices.SortFunc(*claimed, func(a, b outboxRow) int {
+			return cmp.Or(cmp.Compare(a.TransactionID, b.TransactionID), cmp.Compare(a.ID, b.ID))
+		})
 		return nil
 	})
 	return claimed
+}
+
+// queueNextFloor queues the statement that moves floor up to where the rows
+// still to publish begin now; once the batch is read, *next holds it. In one
+// snapshot it finds the first row left from floor on, leased or not: the new
+// floor is that row, or, if there is none, the snapshot's xmax (the first
+// transaction id not yet given out). A row's transaction has committed, so
+// it will write no row before it. Transactions still open below the new
+// floor may yet commit rows there: they join Pending, and stay in it while
+// they are open or have rows left. Plan it with claimPlan.
+func queueNextFloor(b *pgx.Batch, floor outboxFloor) (next *outboxFloor) {
+	next = new(outboxFloor)
+	b.Queue(`
+		WITH s AS MATERIALIZED (
+		    SELECT snap, coalesce(first.transaction_id, pg_snapshot_xmax(snap)) AS xid, coalesce(first.id, 0) AS id
+		    FROM pg_current_snapshot() AS snap
+		    LEFT JOIN LATERAL (
+		        SELECT transaction_id, id FROM outbox
+		        WHERE (transaction_id, id) >= ($1, $2)
+		        ORDER BY transaction_id, id
+		        LIMIT 1
+		    ) AS first ON true
+		)
+		SELECT xid, id, ARRAY(
+		    SELECT x FROM pg_snapshot_xip(snap) AS x WHERE x < xid
+		    UNION
+		    SELECT p FROM unnest($3::xid8[]) AS p
+		    WHERE NOT pg_visible_in_snapshot(p, snap)
+		       OR p IN (SELECT transaction_id FROM outbox WHERE transaction_id = ANY($3)))
+		FROM s`,
+		floor.XID, floor.ID, floor.Pending,
+	).QueryRow(func(row pgx.Row) error {
+		if err := row.Scan(&next.XID, &next.ID, &next.Pending); err != nil {
+			return fmt.Errorf("next claim floor: %w", err)
+		}
+		return nil
+	})
+	return next
 }
 
 // queueDeletePublished queues the statement that deletes the rows whose
 // events the broker acknowledged. The outbox is a queue and Kafka the log: a
 // published event has nothing left to do here, so the table holds only what
 // waits, and nothing the service reads grows with its history. Each row is
-// written twice after its insert (the lease, the delete), where marking it
-// published and purging it later wrote it three times.
-func queueDeletePublished(b *pgx.Batch, ids []int64) {
-	b.Queue(`DELETE FROM outbox WHERE id = ANY($1::bigint[])`, ids)
+// written twice after its insert (the lease, the delete). Plan it with
+// finishPlan.
+func queueDeletePublished(b *pgx.Batch, rows []outboxRow) {
+	xids, ids := outboxKeys(rows)
+	b.Queue(`DELETE FROM outbox WHERE ctid = ANY(`+outboxRowsByKey+`)`, xids, ids)
 }
 
 // queueReleaseClaims queues the statement that gives back claimed rows whose
 // produce failed, so that the next claim retries them at once rather than
 // when their lease ends; a row another relay has claimed since is not its to
-// release.
-func queueReleaseClaims(b *pgx.Batch, ids []int64, leaseUntil time.Time) {
-	b.Queue(`UPDATE outbox SET lease_until = NULL WHERE id = ANY($1::bigint[]) AND lease_until = $2`, ids, leaseUntil)
+// release. Plan it with finishPlan.
+func queueReleaseClaims(b *pgx.Batch, rows []outboxRow, leaseUntil time.Time) {
+	xids, ids := outboxKeys(rows)
+	b.Queue(`UPDATE outbox SET lease_until = NULL WHERE ctid = ANY(`+outboxRowsByKey+`) AND lease_until = $3`,
+		xids, ids, leaseUntil)
 }
 
-// queueDeleteFormerlyPublished queues the statement that deletes at most
-// limit rows that a former version of the service marked published and left
-// for a purge by age; once the batch is read, *deleted holds how many. It
-// walks the primary key, where those rows are the oldest.
-func queueDeleteFormerlyPublished(b *pgx.Batch, limit int) (deleted *int64) {
-	deleted = new(int64)
-	b.Queue(`
-		DELETE FROM outbox
-		WHERE id IN (SELECT id FROM outbox WHERE published_at IS NOT NULL ORDER BY id LIMIT $1)`, limit).
-		Exec(func(tag pgconn.CommandTag) error {
-			*deleted = tag.RowsAffected()
-			return nil
-		})
-	return deleted
-}
+// outboxRowsByKey is the array of the physical addresses (ctid) of the rows
+// whose keys are $1 (transaction ids) and $2 (ids), each looked up on its
+// own. Written as a join, the lookup would be planned, when the statistics
+// say the outbox holds a row or two, as one walk of the whole index matched
+// against the keys: a walk of every entry of every row deleted since vacuum
+// last could run. Looked up one key at a time, with plain index scans off
+// (finishPlan), a key can only be found through its index condition. The
+// address is used in the statement that found it and nowhere else; a row
+// updated meanwhile by another transaction has another address, and the
+// statement passes it by.
+const outboxRowsByKey = `ARRAY(
+		    SELECT (SELECT ctid FROM outbox o WHERE o.transaction_id = k.transaction_id AND o.id = k.id)
+		    FROM unnest($1::xid8[], $2::bigint[]) AS k(transaction_id, id))`
 
 // applyPaymentResults moves PENDING orders to PAID or FAILED, a whole poll
 // of results in one transaction, and returns the ids it changed. The status
@@ -580,16 +690,109 @@ func (o Order) utc() Order {
 	return o
 }
 
-// getOutboxStats reads the backlog gauges for /metrics through the partial
-// index of unpublished rows: the whole table, which holds only the backlog.
-func getOutboxStats(ctx context.Context, db dbtx) (outboxStats, error) {
-	var s outboxStats
-	err := db.QueryRow(ctx, `
-		SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8
-		FROM outbox
-		WHERE published_at IS NULL`).Scan(&s.Backlog, &s.OldestAgeSecond)
-	if err != nil {
-		return s, fmt.Errorf("outbox stats: %w", err)
+// databaseGauges are what /metrics reads from the database at scrape time.
+type databaseGauges struct {
+	Backlog         int64   // outbox rows waiting
+	OldestAgeSecond float64 // of the oldest of them, 0 when none
+	DeadRows        int64   // outbox rows deleted and not yet removed by vacuum (an estimate)
+	Horizon         map[string]horizonHolder
+}
+
+// horizonHolder is the oldest holder of vacuum's xmin horizon of one kind
+// (horizonKinds): how many transactions old the xmin it holds is, and, where
+// the database tells, how many seconds ago its transaction began.
+type horizonHolder struct {
+	Transactions int64
+	Seconds      *float64
+}
+
+// horizonKinds are the kinds of things that hold vacuum's xmin horizon: a
+// session's snapshot or transaction id (in this database, or a walsender's
+// for a standby's queries, hot_standby_feedback), a replication slot's xmin
+// (a standby's, through its slot), a slot's catalog_xmin (logical decoding;
+// it holds back the system catalogs only), a prepared transaction.
+var horizonKinds = []string{"session", "replication_slot", "replication_slot_catalog", "prepared_transaction"}
+
+// getDatabaseGauges reads the gauges in one round trip.
+func getDatabaseGauges(ctx context.Context, db *pgxpool.Pool, floor outboxFloor) (databaseGauges, error) {
+	g := databaseGauges{Horizon: map[string]horizonHolder{}}
+	b := &pgx.Batch{}
+	b.BeginTx(pgx.TxOptions{AccessMode: pgx.ReadOnly})
+	queuePlannerOff(b, claimPlan...)
+	queueOutboxGauges(b, floor, &g)
+	queueHorizonGauges(b, &g)
+	if _, err := sendTx(ctx, db, b); err != nil {
+		return g, fmt.Errorf("database gauges: %w", err)
 	}
-	return s, nil
+	return g, nil
+}
+
+// queueOutboxGauges queues the statement that reads the backlog, from floor
+// on (see outboxFloor): what waits, and never the index entries of what was
+// published, whatever vacuum can do; and the dead rows. Plan it with
+// claimPlan.
+func queueOutboxGauges(b *pgx.Batch, floor outboxFloor, g *databaseGauges) {
+	b.Queue(`
+		SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8,
+		       (SELECT coalesce(n_dead_tup, 0) FROM pg_stat_user_tables WHERE relid = 'outbox'::regclass)
+		FROM (SELECT created_at FROM outbox WHERE (transaction_id, id) >= ($1, $2)
+		      UNION ALL
+		      SELECT created_at FROM outbox WHERE transaction_id = ANY($3)) AS waiting`,
+		floor.XID, floor.ID, floor.Pending,
+	).QueryRow(func(row pgx.Row) error {
+		return row.Scan(&g.Backlog, &g.OldestAgeSecond, &g.DeadRows)
+	})
+}
+
+// queueHorizonGauges queues the statement that finds the oldest holder of
+// vacuum's horizon of each kind. Every source it reads is bounded by the
+// server's settings (max_connections, slots, prepared transactions), not by
+// any table.
+func queueHorizonGauges(b *pgx.Batch, g *databaseGauges) {
+	b.Queue(`
+		SELECT kind, max(transactions), max(seconds)
+		FROM (SELECT 'session' AS kind, greatest(age(backend_xmin), age(backend_xid)) AS transactions,
+		             extract(epoch FROM now() - xact_start)::float8 AS seconds
+		      FROM pg_stat_activity
+		      WHERE (datname = current_database() OR datname IS NULL) AND pid <> pg_backend_pid()
+		        AND backend_type IS DISTINCT FROM 'autovacuum worker'
+		        AND (backend_xmin IS NOT NULL OR backend_xid IS NOT NULL)
+		      UNION ALL
+		      SELECT 'replication_slot', age(xmin), NULL FROM pg_replication_slots WHERE xmin IS NOT NULL
+		      UNION ALL
+		      SELECT 'replication_slot_catalog', age(catalog_xmin), NULL FROM pg_replication_slots WHERE catalog_xmin IS NOT NULL
+		      UNION ALL
+		      SELECT 'prepared_transaction', age(transaction), extract(epoch FROM now() - prepared)::float8
+		      FROM pg_prepared_xacts WHERE database = current_database()) AS holders
+		GROUP BY kind`,
+	).Query(func(rows pgx.Rows) error {
+		var kind string
+		var h horizonHolder
+		_, err := pgx.ForEachRow(rows, []any{&kind, &h.Transactions, &h.Seconds}, func() error {
+			g.Horizon[kind] = h
+			return nil
+		})
+		return err
+	})
+}
+
+// batchSender is what both *pgxpool.Pool and *pgxpool.Conn offer.
+type batchSender interface {
+	SendBatch(ctx context.Context, b *pgx.Batch) pgx.BatchResults
+}
+
+// sendTx sends b, a transaction that BeginTx opened, and COMMIT, as one round
+// trip. It reports whether the server answered the COMMIT: then the
+// transaction committed, whatever followed (err may still say that the
+// connection ended after it). Should a statement fail, the server skips the
+// rest, COMMIT included, and the deferred rollback ends the transaction.
+func sendTx(ctx context.Context, db batchSender, b *pgx.Batch) (committed bool, err error) {
+	b.Queue(`COMMIT`).Exec(func(tag pgconn.CommandTag) error {
+		committed = tag.String() == "COMMIT"
+		return nil
+	})
+	br := db.SendBatch(ctx, b)
+	defer br.Tx().Rollback(ctx) //nolint:errcheck // a no-op after COMMIT
+	err = br.Close()
+	return committed, err
 }
