@@ -13,10 +13,12 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -27,6 +29,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -1191,4 +1194,143 @@ func (c *rawClient) do(req []byte, deadline time.Time) (status int, retryAfter b
 	}
 	_, err = c.r.Discard(length)
 	return status, retryAfter, err
+}
+
+// BenchmarkGroupSession: what the consumer group's session (KAFKA_SESSION_TIMEOUT)
+// costs and saves, for each session of BENCH_GROUP_SESSIONS (10s and 45s by
+// default): two replicas, one SIGKILLed while orders come to the other, and the
+// seconds until the survivor applied a result on each partition
+// (replicaCrashRecovery); then, for each pause of BENCH_GROUP_PAUSES (5s and
+// 15s), one replica SIGSTOPped that long and resumed, with a result written
+// for 30 orders as it stops: the seconds until all were applied, and the
+// partitions the paused one lost (its session ended) and was assigned back.
+// Run it against the broker whose behaviour is wanted: KAFKA_BROKERS.
+func BenchmarkGroupSession(b *testing.B) {
+	durations := func(key, def string) []time.Duration {
+		var ds []time.Duration
+		for _, v := range strings.Split(cmp.Or(os.Getenv(key), def), ",") {
+			d, err := time.ParseDuration(strings.TrimSpace(v))
+			if err != nil {
+				b.Fatalf("%s: %v", key, err)
+			}
+			ds = append(ds, d)
+		}
+		return ds
+	}
+	for _, session := range durations("BENCH_GROUP_SESSIONS", "10s,45s") {
+		env := map[string]string{"KAFKA_SESSION_TIMEOUT": session.String()}
+		b.Run("session_"+session.String(), func(b *testing.B) {
+			for range b.N {
+				inForce, took := replicaCrashRecovery(b, newBroker(b, false), env)
+				fmt.Printf("%s: session in force %s; a replica SIGKILLed: every result applied %.1f s after\n", b.Name(), inForce, took.Seconds())
+				b.ReportMetric(took.Seconds(), "s_after_kill")
+				for _, pause := range durations("BENCH_GROUP_PAUSES", "5s,15s") {
+					took, lost := replicaPause(b, newBroker(b, false), env, pause)
+					fmt.Printf("%s: a replica paused %s: every result applied %.1f s after the pause began; %d partitions lost and %d assigned back\n",
+						b.Name(), pause, took.Seconds(), lost, lost)
+					b.ReportMetric(took.Seconds(), "s_pause_"+pause.String())
+					b.ReportMetric(float64(lost), "lost_pause_"+pause.String())
+				}
+			}
+		})
+	}
+}
+
+// replicaPause starts two replicas, SIGSTOPs one for pause, writes a result for
+// 30 orders as it stops, and returns how long after the stop the last was
+// applied and how many partitions the stopped one lost meanwhile.
+func replicaPause(b *testing.B, br *broker, extra map[string]string, pause time.Duration) (took time.Duration, lost int) {
+	b.Helper()
+	dbURL := newSchema(b)
+	replica := func() *child {
+		env := childEnvFor(dbURL, br)
+		maps.Copy(env, extra)
+		return startChild(b, env)
+	}
+	a, c := replica(), replica()
+	a.waitReady(b)
+	c.waitReady(b)
+	waitOwning(b, a.url, c.url)
+	user := newUser()
+	var ids []string
+	for range 30 {
+		ids = append(ids, do(b, "POST", a.url+"/orders", `{"amount": 5}`, "X-User-Id", user).order(b).ID)
+	}
+	lostBefore := metric(b, c.url, `payment_results_partition_changes_total{change="lost"}`)
+	if err := c.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		b.Fatal(err)
+	}
+	stopped := time.Now()
+	producePaid(b, br, ids...)
+	resumed := false
+	waitFor(b, pause+120*time.Second, "every result applied", func() bool {
+		if !resumed && time.Since(stopped) >= pause {
+			if err := c.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+				b.Fatal(err)
+			}
+			resumed = true
+		}
+		if count(b, dbURL, `SELECT count(*) FROM orders WHERE id = ANY($1) AND status = 'PAID'`, ids) < len(ids) {
+			return false
+		}
+		if took == 0 {
+			took = time.Since(stopped)
+		}
+		return resumed
+	})
+	waitOwning(b, a.url, c.url)
+	return took, int(metric(b, c.url, `payment_results_partition_changes_total{change="lost"}`) - lostBefore)
+}
+
+// BenchmarkGroupStability: two replicas with the service's defaults, 100
+// orders a second, each paid by the demo Payment Service, for
+// BENCH_STABILITY (10 minutes by default) with no fault: the partitions
+// each replica was assigned, had revoked and lost over the run. The group's
+// first assignment is counted before the run; a session that ended for
+// nothing would show as partitions lost.
+func BenchmarkGroupStability(b *testing.B) {
+	d := 10 * time.Minute
+	if v := os.Getenv("BENCH_STABILITY"); v != "" {
+		var err error
+		if d, err = time.ParseDuration(v); err != nil {
+			b.Fatalf("BENCH_STABILITY: %v", err)
+		}
+	}
+	for range b.N {
+		br := newBroker(b, false)
+		dbURL := newSchema(b)
+		var replicas []*child
+		for range 2 {
+			env := childEnvFor(dbURL, br)
+			env["DEMO_PAYMENTS"] = "true"
+			env["LOG_LEVEL"] = "warn"
+			delete(env, "KAFKA_SESSION_TIMEOUT") // the service's default
+			c := startChild(b, env)
+			c.waitReady(b)
+			replicas = append(replicas, c)
+		}
+		waitOwning(b, replicas[0].url, replicas[1].url)
+		changes := func() (sum [3]float64) {
+			for _, c := range replicas {
+				for i, kind := range partitionChangeKinds {
+					sum[i] += metric(b, c.url, `payment_results_partition_changes_total{change="`+kind+`"}`)
+				}
+			}
+			return sum
+		}
+		before := changes()
+		tick := time.NewTicker(10 * time.Millisecond) // 100 a second
+		for end := time.Now().Add(d); time.Now().Before(end); {
+			<-tick.C
+			do(b, "POST", replicas[0].url+"/orders", `{"amount": 5}`, "X-User-Id", "stability")
+		}
+		tick.Stop()
+		after := changes()
+		paid := count(b, dbURL, `SELECT count(*) FROM orders WHERE status = 'PAID'`)
+		fmt.Printf("%s: %s, %d orders paid; partitions assigned %v, revoked %v, lost %v over the run (first assignment: %v)\n",
+			b.Name(), d, paid, after[0]-before[0], after[1]-before[1], after[2]-before[2], before[0])
+		for i, kind := range partitionChangeKinds {
+			b.ReportMetric(after[i]-before[i], "partitions_"+kind)
+		}
+	}
 }

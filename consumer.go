@@ -113,7 +113,6 @@ type consumer struct {
 	dlqTopic string
 	log      *slog.Logger
 	metrics  *metrics
-	pollHold time.Duration // see pollHold; 0: never give a poll back
 	// rebalanceWanted holds a token while a rebalance of the group waits
 	// for the poll in hand (kgo's OnPartitionsCallbackBlocked).
 	rebalanceWanted chan struct{}
@@ -125,7 +124,7 @@ type consumer struct {
 // conditional UPDATE makes that redelivery a no-op.
 func newConsumer(brokers []string, cfg config, log *slog.Logger, db *pgxpool.Pool, producer *kgo.Client, m *metrics) (*consumer, error) {
 	c := &consumer{db: db, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m,
-		pollHold: pollHold(cfg.RebalanceTimeout), rebalanceWanted: make(chan struct{}, 1)}
+		rebalanceWanted: make(chan struct{}, 1)}
 	owned := &m.partitionsOwned
 	count := func(ps map[string][]int32) (n int64) {
 		for _, p := range ps {
@@ -141,19 +140,30 @@ func newConsumer(brokers []string, cfg config, log *slog.Logger, db *pgxpool.Poo
 		// Classic protocol: a member that crashed holds its partitions
 		// until this timeout, and a restarted replica waits that long for
 		// them unless it has a static identity (KIP-345). Under KIP-848
-		// the broker sets it (group.consumer.session.timeout.ms).
+		// the broker keeps the session, as the group's configs say:
+		// setGroupSession sets them.
 		kgo.SessionTimeout(cfg.SessionTimeout),
+		kgo.HeartbeatInterval(groupHeartbeat(cfg.SessionTimeout)),
 		// How long the group waits for a member to give partitions up or
-		// rejoin; a member that does not is dropped. The consumer never
-		// holds a poll for more than a quarter of it (pollHold).
+		// rejoin; a member that does not is dropped. A failing poll is
+		// given back as soon as a rebalance waits for it (consumer.retry).
 		kgo.RebalanceTimeout(cfg.RebalanceTimeout),
+		// A fetch waits at most this long for records before the broker
+		// answers empty. Partitions assigned meanwhile (a replica died)
+		// are fetched from the next request on: at kgo's 5 s they waited
+		// up to 5 s more; an idle replica now asks twice a second.
+		kgo.FetchMaxWait(500 * time.Millisecond),
 		kgo.AutoCommitMarks(),
 		// Polls and rebalances exclude each other, so a commit never
 		// crosses a rebalance; run calls AllowRebalance after each poll.
 		kgo.BlockRebalanceOnPoll(),
-		kgo.OnPartitionsAssigned(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) { owned.Add(count(ps)) }),
+		kgo.OnPartitionsAssigned(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) {
+			owned.Add(count(ps))
+			m.partitionChanges[partitionsAssigned].Add(count(ps))
+		}),
 		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, ps map[string][]int32) {
 			owned.Add(-count(ps))
+			m.partitionChanges[partitionsRevoked].Add(count(ps))
 			// The new owner starts from what we commit here. Bounded: a
 			// group that is rebalancing again may never answer, and
 			// leaving the group (shutdown) waits for this callback.
@@ -165,7 +175,10 @@ func newConsumer(brokers []string, cfg config, log *slog.Logger, db *pgxpool.Poo
 		}),
 		// No commit when partitions are lost: they are someone else's
 		// already and a commit would fail or rewind theirs.
-		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) { owned.Add(-count(ps)) }),
+		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) {
+			owned.Add(-count(ps))
+			m.partitionChanges[partitionsLost].Add(count(ps))
+		}),
 		// A rebalance waits for the poll in hand: see consumer.retry.
 		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) {
 			select {
@@ -257,9 +270,9 @@ func (c *consumer) run(ctx, abort context.Context) {
 		if recs := fetches.Records(); len(recs) > 0 {
 			err := c.processPoll(ctx, recs)
 			if errors.Is(err, errPollReleased) {
-				// The poll failed while a rebalance waited, or for
-				// pollHold: give it back, so that the rebalance can
-				// go on, and wait before it is fetched again.
+				// The poll failed while a rebalance waited: give it
+				// back, so that the rebalance can go on, and wait
+				// before it is fetched again.
 				c.rewind(recs)
 				c.allowRebalance()
 				sleep(ctx, time.Second)
@@ -452,24 +465,21 @@ func (c *consumer) apply(ctx context.Context, items []item) (map[string]time.Tim
 	return applied, append(rejected, rejected2...), nil
 }
 
-// pollHold is how long the consumer keeps retrying the records of one poll
-// while they fail, before it gives the poll back: 5s, or a quarter of the
-// rebalance timeout if that is less. It holds the poll, and with
-// BlockRebalanceOnPoll every rebalance of the group waits for it: a database
-// down for minutes would block the group for minutes, and a replica that
-// could apply results (its own database up, or a new one) would get none.
-// A rebalance that is waiting says so (rebalanceWanted), and the poll is
-// given back at once; pollHold bounds the hold when nothing says so.
-func pollHold(rebalanceTimeout time.Duration) time.Duration {
-	return min(5*time.Second, rebalanceTimeout/4)
-}
+// A failing poll is held, and retried, until it succeeds or a rebalance waits
+// for it. With BlockRebalanceOnPoll every rebalance of the group waits for
+// the poll in hand: a database down for minutes would block the group for
+// minutes, and a replica that could apply results (its own database up, or a
+// new one) would get none. kgo signals every rebalance it holds back this way
+// (OnPartitionsCallbackBlocked, which fills rebalanceWanted) but the one of
+// LeaveGroup, which comes at shutdown, when the poll's ctx has ended; so the
+// poll is given back at the signal, and never otherwise.
 
 // errPollReleased: the poll's records failed while a rebalance waited for
-// them, or for pollHold; they are given back, to be fetched again.
+// them; they are given back, to be fetched again.
 var errPollReleased = errors.New("poll released")
 
 // retry runs step until it succeeds, fails permanently (errPoison), fails
-// while a rebalance waits or for pollHold (errPollReleased), or ctx ends.
+// while a rebalance waits (errPollReleased), or ctx ends.
 // Each try has its own deadline, so a hung database or broker is a failure to
 // retry, not a stuck partition. Only a poll that has failed is given back for
 // a rebalance: a healthy try is never cut short.
@@ -483,12 +493,11 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		case <-waiting.Done():
 		}
 	}()
-	var failing time.Time
-	released := false
+	failing, released := false, false
 	err := retry(waiting, func(context.Context) error {
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
-		if !failing.IsZero() {
+		if failing {
 			// Failing already, a try waits on a database that may not
 			// answer for long: a waiting rebalance ends it too.
 			defer context.AfterFunc(waiting, cancel)()
@@ -498,10 +507,8 @@ func (c *consumer) retry(ctx context.Context, what string, step func(context.Con
 		if errors.Is(err, errPoison) {
 			return false
 		}
-		if failing.IsZero() {
-			failing = time.Now()
-		}
-		if rebalanceWaits(ctx, waiting) || c.pollHold > 0 && time.Since(failing) >= c.pollHold {
+		failing = true
+		if rebalanceWaits(ctx, waiting) {
 			released = true
 			return false
 		}

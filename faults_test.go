@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -1296,13 +1297,13 @@ func TestHostileHTTP(t *testing.T) {
 }
 
 // A database down for longer than the rebalance timeout never blocks the
-// group: the replica whose poll cannot be applied gives it back after
-// pollHold, so a second replica that joins meanwhile gets its share of the
-// partitions at once and applies the results on them, and the first is not
-// dropped from the group for failing to rejoin.
+// group: the replica whose poll cannot be applied gives it back as soon as a
+// rebalance waits for it, so a second replica that joins meanwhile gets its
+// share of the partitions at once and applies the results on them, and the
+// first is not dropped from the group for failing to rejoin.
 func TestDatabaseOutageDoesNotBlockTheGroup(t *testing.T) {
 	// Under KIP-848 a member learns of a change at its next heartbeat
-	// (every 5 s by default): the first replica that it must give up a
+	// (a fifth of the session, 1.2 s here): the first replica that it must give up a
 	// partition, the second that it has one. The rebalance timeout leaves
 	// room for both.
 	const rebalanceTimeout = 20 * time.Second
@@ -1360,4 +1361,66 @@ func TestDatabaseOutageDoesNotBlockTheGroup(t *testing.T) {
 				metric(t, b2.url, "payment_results_partitions_owned"), groupAssignments(t, adm, b.topic(consumerGroup)))
 		}
 	}
+}
+
+// A replica SIGKILLed under load: the survivor applies the results of the
+// dead member's partitions within the group's session in force (the
+// service's KAFKA_SESSION_TIMEOUT, 6 s here, which it sets as its group's
+// session under KIP-848 and states itself under the classic protocol) and 3 s
+// more, not the broker's default 45 s. The session in force is the metric's.
+func TestCrashedReplicasPartitionsMoveWithinTheSession(t *testing.T) {
+	session, took := replicaCrashRecovery(t, newBroker(t, false), nil)
+	t.Logf("every result applied %s after the kill, the session in force being %s", took.Round(10*time.Millisecond), session)
+	if session != 6*time.Second {
+		t.Errorf("the group's session in force is %s, want the service's 6s", session)
+	}
+	if took > session+3*time.Second {
+		t.Errorf("the dead member's results waited %s, want within the session %s and 3 s", took.Round(10*time.Millisecond), session)
+	}
+}
+
+// replicaCrashRecovery starts two replicas on b (serviceEnv, with extra),
+// SIGKILLs one while orders keep coming to the other, writes a result for
+// each of 30 orders spread over the partitions, and returns the group's
+// session in force and how long after the kill the last result was applied.
+func replicaCrashRecovery(t testing.TB, b *broker, extra map[string]string) (session, took time.Duration) {
+	t.Helper()
+	dbURL := newSchema(t)
+	replica := func() *child {
+		env := childEnvFor(dbURL, b)
+		maps.Copy(env, extra)
+		return startChild(t, env)
+	}
+	a, c := replica(), replica()
+	a.waitReady(t)
+	c.waitReady(t)
+	waitOwning(t, a.url, c.url)
+	session = time.Duration(metric(t, a.url, "payment_results_group_session_seconds") * float64(time.Second))
+	user := newUser()
+	var ids []string
+	for range 30 { // their keys spread over the three partitions
+		ids = append(ids, do(t, "POST", a.url+"/orders", `{"amount": 5}`, "X-User-Id", user).order(t).ID)
+	}
+	// Under load: orders keep coming to the survivor throughout.
+	stop := make(chan struct{})
+	var load sync.WaitGroup
+	load.Go(func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(50 * time.Millisecond):
+				do(t, "POST", a.url+"/orders", `{"amount": 1}`, "X-User-Id", user)
+			}
+		}
+	})
+	defer func() { close(stop); load.Wait() }()
+
+	c.kill(t)
+	killed := time.Now()
+	producePaid(t, b, ids...)
+	waitFor(t, 2*session+60*time.Second, "every result applied after the kill", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM orders WHERE id = ANY($1) AND status = 'PAID'`, ids) == len(ids)
+	})
+	return session, time.Since(killed)
 }

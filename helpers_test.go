@@ -161,8 +161,12 @@ func newBroker(t testing.TB, faults bool) *broker {
 			return g, nil
 		}),
 		kfake.SeedTopics(3, prefix+topicPayOrder, prefix+topicPaymentResults, prefix+topicPaymentDLQ),
-		// The KIP-848 session, as short as the classic one of serviceEnv.
-		kfake.BrokerConfigs(map[string]string{"group.consumer.session.timeout.ms": "6000"}),
+		// The service sets its group's KIP-848 session itself
+		// (setGroupSession); the broker's default stays Kafka's 45 s, so
+		// that a test sees it if the service does not. kfake takes the
+		// heartbeat interval from the broker alone: the one the service
+		// would set for serviceEnv's 6 s.
+		kfake.BrokerConfigs(map[string]string{"group.consumer.heartbeat.interval.ms": "1200"}),
 	)
 	if err != nil {
 		t.Fatalf("kfake: %v", err)

@@ -104,7 +104,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		RelayWorkers:      e.num("RELAY_WORKERS", 2, 1, 16),
 		RelayPollInterval: e.dur("RELAY_POLL_INTERVAL", time.Second),
 		ProduceTimeout:    e.dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
-		SessionTimeout:    e.dur("KAFKA_SESSION_TIMEOUT", 45*time.Second),
+		SessionTimeout:    e.dur("KAFKA_SESSION_TIMEOUT", 10*time.Second),
 		RebalanceTimeout:  e.dur("KAFKA_REBALANCE_TIMEOUT", 60*time.Second),
 		InstanceID:        e.str("KAFKA_GROUP_INSTANCE_ID", ""),
 		GroupProtocol:     e.oneOf("KAFKA_GROUP_PROTOCOL", groupProtocolConsumer, groupProtocolClassic),
@@ -337,6 +337,13 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 		workers: cfg.RelayWorkers, pollInterval: cfg.RelayPollInterval, produceTimeout: cfg.ProduceTimeout, floor: floor}
 	wg.Go(func() { r.run(workCtx, abortCtx) })
 	wg.Go(func() { c.run(workCtx, abortCtx) })
+	wg.Go(func() {
+		session := setGroupSession(workCtx, c.group, log, cfg.topic(consumerGroup), cfg.GroupProtocol, cfg.SessionTimeout)
+		m.groupSession.Store(int64(session))
+		if session > 0 {
+			log.Info("consumer group session", "group", cfg.topic(consumerGroup), "session", session)
+		}
+	})
 	if cfg.DemoPayments {
 		log.Info("demo payments on: orders up to the limit are PAID, larger ones FAILED", "limit", demoPaymentLimit)
 		wg.Go(func() {

@@ -29,6 +29,8 @@ type metrics struct {
 	resultsFailed     atomic.Int64
 	resultsIgnored    atomic.Int64
 	partitionsOwned   atomic.Int64 // of payment-results, by this group member
+	groupSession      atomic.Int64 // the consumer group's session in force, a time.Duration; 0 until known
+	partitionChanges  [len(partitionChangeKinds)]atomic.Int64
 	deadLettered      [len(dlqReasons)]atomic.Int64
 	ordersRefused     [len(refusedReasons)]atomic.Int64
 	orderQueue        chan *createRequest // POST /orders waiting for a writer
@@ -101,6 +103,17 @@ var (
 	publishBuckets = []float64{0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300}
 	resultBuckets  = []float64{0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600}
 	batchBuckets   = []float64{1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000}
+)
+
+// partitionChangeKinds are how this replica's share of payment-results
+// changes: the group assigned partitions, revoked them (handed over after a
+// commit), or the replica lost them (its session ended: fenced).
+var partitionChangeKinds = [...]string{"assigned", "revoked", "lost"}
+
+const (
+	partitionsAssigned = iota
+	partitionsRevoked
+	partitionsLost
 )
 
 // refusedReasons are why a POST /orders was refused unwritten, more orders
@@ -218,6 +231,14 @@ func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error) {
 	counter("payment_results_ignored_total", "Duplicate or conflicting payment results that changed nothing.", m.resultsIgnored.Load())
 	fmt.Fprintf(w, "# HELP payment_results_partitions_owned Partitions of payment-results assigned to this replica by the consumer group.\n"+
 		"# TYPE payment_results_partitions_owned gauge\npayment_results_partitions_owned %d\n", m.partitionsOwned.Load())
+	fmt.Fprintf(w, "# HELP payment_results_partition_changes_total Partitions of payment-results this replica was assigned, had revoked, or lost (its session ended).\n"+
+		"# TYPE payment_results_partition_changes_total counter\n")
+	for i, kind := range partitionChangeKinds {
+		fmt.Fprintf(w, "payment_results_partition_changes_total{change=%q} %d\n", kind, m.partitionChanges[i].Load())
+	}
+	fmt.Fprintf(w, "# HELP payment_results_group_session_seconds The consumer group's session in force: how long a replica that dies holds its partitions (0 until known).\n"+
+		"# TYPE payment_results_group_session_seconds gauge\npayment_results_group_session_seconds %s\n",
+		strconv.FormatFloat(time.Duration(m.groupSession.Load()).Seconds(), 'f', -1, 64))
 	fmt.Fprintf(w, "# HELP payment_results_dlq_total Payment results sent to the dead-letter topic, by reason: invalid (not a payment result), unknown_order, refused (by the database).\n"+
 		"# TYPE payment_results_dlq_total counter\n")
 	for i, reason := range dlqReasons {
