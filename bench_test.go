@@ -610,7 +610,7 @@ func BenchmarkStreamFlood(b *testing.B) {
 // open on other orders, against the same with one stream.
 func BenchmarkNotifierSignal(b *testing.B) {
 	perSignal := func(streams int) time.Duration {
-		n := newNotifier(nil, nil, statusChannel)
+		n := newNotifier(nil, nil, nil, statusChannel)
 		ids := make([]string, streams)
 		for i := range ids {
 			ids[i] = newUUID()

@@ -58,6 +58,9 @@ func (l *limitListener) Accept() (net.Conn, error) {
 
 func (l *limitListener) max() int { return cap(l.slots) }
 
+// gauges are the connections open and the cap, for /metrics.
+func (l *limitListener) gauges() (open, most int) { return int(l.open.Load()), l.max() }
+
 type limitedConn struct {
 	net.Conn
 	l    *limitListener

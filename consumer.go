@@ -23,15 +23,6 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
-// paymentResult is a payment-results value. Unknown fields are accepted: the
-// Payment Service may add some without breaking us. Known ones must be spelled
-// exactly, once each (checkKeys).
-type paymentResult struct {
-	OrderID string  `json:"order_id"`
-	Status  string  `json:"status"`
-	Reason  *string `json:"reason"`
-}
-
 // paymentResultFields are paymentResult's fields, exactly as they are spelled.
 var paymentResultFields = []string{"order_id", "status", "reason"}
 
@@ -91,21 +82,6 @@ func decodePaymentResult(b []byte) (paymentResult, error) {
 	return p, nil
 }
 
-// clip cuts s to at most n bytes of valid UTF-8, so that an error quoting an
-// outside value stays small whatever the value's size.
-func clip(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return strings.ToValidUTF8(s[:n], "") + "…"
-}
-
-// KAFKA_GROUP_PROTOCOL's values, named as Kafka's group.protocol names them.
-const (
-	groupProtocolConsumer = "consumer" // KIP-848, Kafka 4.0 and later
-	groupProtocolClassic  = "classic"
-)
-
 type consumer struct {
 	db       *pgxpool.Pool
 	group    *kgo.Client // consumes payment-results in the service's group
@@ -125,14 +101,7 @@ type consumer struct {
 func newConsumer(brokers []string, cfg config, log *slog.Logger, db *pgxpool.Pool, producer *kgo.Client, m *metrics) (*consumer, error) {
 	c := &consumer{db: db, producer: producer, dlqTopic: cfg.topic(topicPaymentDLQ), log: log, metrics: m,
 		rebalanceWanted: make(chan struct{}, 1)}
-	owned := &m.partitionsOwned
-	count := func(ps map[string][]int32) (n int64) {
-		for _, p := range ps {
-			n += int64(len(p))
-		}
-		return n
-	}
-	opts := []kgo.Opt{
+	opts := append([]kgo.Opt{
 		kgo.SeedBrokers(brokers...),
 		kgo.ClientID("order-service"),
 		kgo.ConsumerGroup(cfg.topic(consumerGroup)),
@@ -146,7 +115,7 @@ func newConsumer(brokers []string, cfg config, log *slog.Logger, db *pgxpool.Poo
 		kgo.HeartbeatInterval(groupHeartbeat(cfg.SessionTimeout)),
 		// How long the group waits for a member to give partitions up or
 		// rejoin; a member that does not is dropped. A failing poll is
-		// given back as soon as a rebalance waits for it (consumer.retry).
+		// given back as soon as a rebalance waits for it (consumer.retryStep).
 		kgo.RebalanceTimeout(cfg.RebalanceTimeout),
 		// A fetch waits at most this long for records before the broker
 		// answers empty. Partitions assigned meanwhile (a replica died)
@@ -157,36 +126,7 @@ func newConsumer(brokers []string, cfg config, log *slog.Logger, db *pgxpool.Poo
 		// Polls and rebalances exclude each other, so a commit never
 		// crosses a rebalance; run calls AllowRebalance after each poll.
 		kgo.BlockRebalanceOnPoll(),
-		kgo.OnPartitionsAssigned(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) {
-			owned.Add(count(ps))
-			m.partitionChanges[partitionsAssigned].Add(count(ps))
-		}),
-		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, ps map[string][]int32) {
-			owned.Add(-count(ps))
-			m.partitionChanges[partitionsRevoked].Add(count(ps))
-			// The new owner starts from what we commit here. Bounded: a
-			// group that is rebalancing again may never answer, and
-			// leaving the group (shutdown) waits for this callback.
-			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			defer cancel()
-			if err := cl.CommitMarkedOffsets(ctx); err != nil {
-				log.WarnContext(ctx, "consumer: commit on revoke failed", "err", err)
-			}
-		}),
-		// No commit when partitions are lost: they are someone else's
-		// already and a commit would fail or rewind theirs.
-		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) {
-			owned.Add(-count(ps))
-			m.partitionChanges[partitionsLost].Add(count(ps))
-		}),
-		// A rebalance waits for the poll in hand: see consumer.retry.
-		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) {
-			select {
-			case c.rebalanceWanted <- struct{}{}:
-			default:
-			}
-		}),
-	}
+	}, c.partitionCallbacks()...)
 	if cfg.GroupProtocol == groupProtocolConsumer {
 		// KIP-848: the coordinator assigns partitions and moves them one
 		// member at a time; no member waits for another, so a member
@@ -248,6 +188,52 @@ func consumerLag(ctx context.Context, cl *kgo.Client, group, topic string) (map[
 	return out, nil
 }
 
+// partitionCallbacks keep this replica's share of payment-results counted
+// (payment_results_partitions_owned and its changes), commit what it applied
+// before a partition is handed over, and signal a rebalance that waits for
+// the poll in hand.
+func (c *consumer) partitionCallbacks() []kgo.Opt {
+	m, log := c.metrics, c.log
+	owned := &m.partitionsOwned
+	count := func(ps map[string][]int32) (n int64) {
+		for _, p := range ps {
+			n += int64(len(p))
+		}
+		return n
+	}
+	return []kgo.Opt{
+		kgo.OnPartitionsAssigned(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) {
+			owned.Add(count(ps))
+			m.partitionChanges[partitionsAssigned].Add(count(ps))
+		}),
+		kgo.OnPartitionsRevoked(func(ctx context.Context, cl *kgo.Client, ps map[string][]int32) {
+			owned.Add(-count(ps))
+			m.partitionChanges[partitionsRevoked].Add(count(ps))
+			// The new owner starts from what we commit here. Bounded: a
+			// group that is rebalancing again may never answer, and
+			// leaving the group (shutdown) waits for this callback.
+			ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			if err := cl.CommitMarkedOffsets(ctx); err != nil {
+				log.WarnContext(ctx, "consumer: commit on revoke failed", "err", err)
+			}
+		}),
+		// No commit when partitions are lost: they are someone else's
+		// already and a commit would fail or rewind theirs.
+		kgo.OnPartitionsLost(func(_ context.Context, _ *kgo.Client, ps map[string][]int32) {
+			owned.Add(-count(ps))
+			m.partitionChanges[partitionsLost].Add(count(ps))
+		}),
+		// A rebalance waits for the poll in hand: see consumer.retryStep.
+		kgo.OnPartitionsCallbackBlocked(func(context.Context, *kgo.Client) {
+			select {
+			case c.rebalanceWanted <- struct{}{}:
+			default:
+			}
+		}),
+	}
+}
+
 // run consumes until ctx is cancelled, then commits what it applied, unless
 // abort ends first: what it did not commit is redelivered, and changes nothing.
 func (c *consumer) run(ctx, abort context.Context) {
@@ -259,42 +245,58 @@ func (c *consumer) run(ctx, abort context.Context) {
 		}
 	}()
 	for {
-		fetches := c.group.PollRecords(ctx, 1000)
-		if fetches.IsClientClosed() || ctx.Err() != nil {
-			c.allowRebalance()
-			return
-		}
-		fetches.EachError(func(topic string, p int32, err error) {
-			c.log.WarnContext(ctx, "consumer: fetch error", repeatsKey, "consumer: fetch error", "topic", topic, "partition", p, "err", err)
-		})
-		if recs := fetches.Records(); len(recs) > 0 {
-			err := c.processPoll(ctx, recs)
-			if errors.Is(err, errPollReleased) {
-				// The poll failed while a rebalance waited: give it
-				// back, so that the rebalance can go on, and wait
-				// before it is fetched again.
-				c.rewind(recs)
-				c.allowRebalance()
-				sleep(ctx, time.Second)
-				continue
-			}
-			if err != nil {
-				// Only shutdown stops processing; the poll stays
-				// unmarked and is redelivered to the next owner.
-				c.allowRebalance()
-				return
-			}
-			c.group.MarkCommitRecords(recs...)
-			// Commit now rather than at the next autocommit tick: the
-			// smaller the window, the fewer redeliveries after a crash.
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			if err := c.group.CommitMarkedOffsets(cctx); err != nil && ctx.Err() == nil {
-				c.log.WarnContext(ctx, "consumer: commit failed; autocommit will retry", "err", err)
-			}
-			cancel()
-		}
+		next := c.consume(ctx, c.group.PollRecords(ctx, 1000))
+		// The one place a poll ends: a rebalance waits for nothing else.
 		c.allowRebalance()
+		switch next {
+		case pollStop:
+			return
+		case pollAgainLater:
+			sleep(ctx, time.Second)
+		}
 	}
+}
+
+// What run does after a poll, once the rebalance it held may go on.
+const (
+	pollNext       = iota // poll again
+	pollAgainLater        // the poll was given back: poll again in a moment
+	pollStop              // shutdown
+)
+
+// consume applies one poll and commits it. A poll that failed while a
+// rebalance waited is given back (rewound), to be fetched again by whoever
+// owns its partitions next.
+func (c *consumer) consume(ctx context.Context, fetches kgo.Fetches) (next int) {
+	if fetches.IsClientClosed() || ctx.Err() != nil {
+		return pollStop
+	}
+	fetches.EachError(func(topic string, p int32, err error) {
+		c.log.WarnContext(ctx, "consumer: fetch error", repeatsKey, "consumer: fetch error", "topic", topic, "partition", p, "err", err)
+	})
+	recs := fetches.Records()
+	if len(recs) == 0 {
+		return pollNext
+	}
+	err := c.processPoll(ctx, recs)
+	if errors.Is(err, errPollReleased) {
+		c.rewind(recs)
+		return pollAgainLater
+	}
+	if err != nil {
+		// Only shutdown stops processing; the poll stays unmarked and is
+		// redelivered to the next owner.
+		return pollStop
+	}
+	c.group.MarkCommitRecords(recs...)
+	// Commit now rather than at the next autocommit tick: the smaller the
+	// window, the fewer redeliveries after a crash.
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	if err := c.group.CommitMarkedOffsets(cctx); err != nil && ctx.Err() == nil {
+		c.log.WarnContext(ctx, "consumer: commit failed; autocommit will retry", "err", err)
+	}
+	return pollNext
 }
 
 // allowRebalance lets a rebalance waiting for the poll go on; a signal that
@@ -350,7 +352,7 @@ func (c *consumer) processPoll(ctx context.Context, recs []*kgo.Record) error {
 		return cmp.Or(cmp.Compare(a.rec.Partition, b.rec.Partition), cmp.Compare(a.rec.Offset, b.rec.Offset))
 	})
 	for _, d := range poison {
-		if err := c.retry(ctx, "dead-letter", func(ctx context.Context) error { return c.deadLetter(ctx, d.rec, d.cause) }); err != nil {
+		if err := c.retryStep(ctx, "dead-letter", func(ctx context.Context) error { return c.deadLetter(ctx, d.rec, d.cause) }); err != nil {
 			return err
 		}
 	}
@@ -401,7 +403,7 @@ func (c *consumer) applyRound(ctx context.Context, round []item) ([]dead, error)
 		ids[i] = it.res.OrderID
 	}
 	var current map[string]string
-	if err := c.retry(ctx, "read order statuses", func(ctx context.Context) (err error) {
+	if err := c.retryStep(ctx, "read order statuses", func(ctx context.Context) (err error) {
 		current, err = orderStatuses(ctx, c.db, ids)
 		return err
 	}); err != nil {
@@ -434,7 +436,7 @@ func (c *consumer) apply(ctx context.Context, items []item) (map[string]time.Tim
 		results[i] = it.res
 	}
 	var applied map[string]time.Time
-	err := c.retry(ctx, "apply payment results", func(ctx context.Context) (err error) {
+	err := c.retryStep(ctx, "apply payment results", func(ctx context.Context) (err error) {
 		applied, err = applyPaymentResults(ctx, c.db, results)
 		if dbPermanent(err) {
 			err = fmt.Errorf("%w: the database refused it: %w", errPoison, err)
@@ -478,12 +480,12 @@ func (c *consumer) apply(ctx context.Context, items []item) (map[string]time.Tim
 // them; they are given back, to be fetched again.
 var errPollReleased = errors.New("poll released")
 
-// retry runs step until it succeeds, fails permanently (errPoison), fails
+// retryStep runs step until it succeeds, fails permanently (errPoison), fails
 // while a rebalance waits (errPollReleased), or ctx ends.
 // Each try has its own deadline, so a hung database or broker is a failure to
 // retry, not a stuck partition. Only a poll that has failed is given back for
 // a rebalance: a healthy try is never cut short.
-func (c *consumer) retry(ctx context.Context, what string, step func(context.Context) error) error {
+func (c *consumer) retryStep(ctx context.Context, what string, step func(context.Context) error) error {
 	waiting, release := context.WithCancel(ctx)
 	defer release()
 	go func() {
@@ -594,11 +596,4 @@ func (c *consumer) deadLetter(ctx context.Context, rec *kgo.Record, cause error)
 // take this record as it is.
 func refusedAsTooLarge(err error) bool {
 	return errors.Is(err, kerr.MessageTooLarge) || errors.Is(err, kerr.RecordListTooLarge)
-}
-
-// kafkaTransient: a broker error that retrying may cure.
-func kafkaTransient(err error) bool {
-	var ke *kerr.Error
-	return errors.As(err, &ke) && ke.Retriable || errors.Is(err, context.DeadlineExceeded) ||
-		errors.Is(err, kgo.ErrClientClosed) || errors.Is(err, kerr.UnknownTopicOrPartition)
 }

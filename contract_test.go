@@ -33,6 +33,8 @@ func (r *routeRecorder) Handle(pattern string, _ http.Handler) {
 	r.patterns = append(r.patterns, pattern)
 }
 
+// openapi.yaml (OpenAPI 3.1) documents every route addRoutes registers and no
+// other, and every $ref in it resolves.
 func TestOpenAPIDocumentsEveryRouteAndNoOther(t *testing.T) {
 	var spec struct {
 		OpenAPI string                           `yaml:"openapi"`
@@ -54,7 +56,7 @@ func TestOpenAPIDocumentsEveryRouteAndNoOther(t *testing.T) {
 		}
 	}
 	rec := &routeRecorder{}
-	addRoutes(rec, nil, nil, nil, nil, nil, nil, newMetrics(), nil, nil)
+	addRoutes(rec, nil, nil, nil, nil, nil, nil, newMetrics(), gauges{}, nil)
 	slices.Sort(documented)
 	slices.Sort(rec.patterns)
 	for _, p := range rec.patterns {
@@ -84,6 +86,9 @@ func TestOpenAPIDocumentsEveryRouteAndNoOther(t *testing.T) {
 	}
 }
 
+// asyncapi.yaml names the topics and consumer group the service uses, the pay-
+// order fields and headers it sends, the payment-result fields it reads and
+// the DLQ's headers.
 func TestAsyncAPIMatchesTheKafkaContract(t *testing.T) {
 	var spec struct {
 		AsyncAPI string `yaml:"asyncapi"`
@@ -192,6 +197,8 @@ func TestSpecsHaveNoEmptyValues(t *testing.T) {
 	}
 }
 
+// The service serves its own contracts, byte for byte: GET /openapi.yaml and
+// /asyncapi.yaml, as application/yaml.
 func TestSpecsAreServed(t *testing.T) {
 	b := newBroker(t, false)
 	s := startService(t, serviceEnv(newSchema(t), b))
@@ -203,6 +210,9 @@ func TestSpecsAreServed(t *testing.T) {
 	}
 }
 
+// compose.yaml runs what the service needs, as the service reads it: the
+// variables it sets are ones the service reads, with values it accepts, and
+// the broker and database it waits for are healthy first.
 func TestComposeFileMatchesTheService(t *testing.T) {
 	raw, err := os.ReadFile("compose.yaml")
 	if err != nil {
@@ -323,6 +333,9 @@ func TestComposeFileMatchesTheService(t *testing.T) {
 	}
 }
 
+// The Dockerfile builds a static binary into a minimal image that runs as a
+// non-root user, listens on every interface (HTTP_ADDR=:8081) on the port it
+// exposes, and checks its own health with the binary's -healthcheck.
 func TestDockerfileBuildsAStaticNonRootImage(t *testing.T) {
 	raw, err := os.ReadFile("Dockerfile")
 	if err != nil {

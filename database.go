@@ -148,21 +148,6 @@ func checkServerVersion(c *pgconn.PgConn) error {
 	return fmt.Errorf("%w; the server is PostgreSQL %s", errServerTooOld, v)
 }
 
-// serverProcessKey keeps, in each pooled connection's CustomData, the server
-// process behind it as the server itself reports it (connectDB). The id the
-// connection's handshake announced is not enough: a pooler in session mode
-// hands its clients made-up ids, and settling a lost commit must end the real
-// process (endBackend).
-const serverProcessKey = "order-service.server-process"
-
-// serverProcessOf is the server process behind c (see serverProcessKey).
-func serverProcessOf(c *pgconn.PgConn) serverProcess {
-	if p, ok := c.CustomData()[serverProcessKey].(serverProcess); ok {
-		return p
-	}
-	return serverProcess{PID: c.PID()}
-}
-
 var (
 	//go:embed upgrade.sql
 	upgradeSQL string

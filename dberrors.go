@@ -83,3 +83,11 @@ func dbPermanent(err error) bool {
 	var pgErr *pgconn.PgError
 	return errors.As(err, &pgErr) && (strings.HasPrefix(pgErr.Code, "22") || strings.HasPrefix(pgErr.Code, "23"))
 }
+
+// errNotWritten: the transaction of a commit whose answer was lost did not
+// store this order; a retry is safe.
+var errNotWritten = errors.New("the order was not stored: its transaction rolled back")
+
+// errCommitOutcomeUnknown: a COMMIT went unanswered and the database could not
+// be asked in time whether it happened.
+var errCommitOutcomeUnknown = errors.New("the outcome of the commit is unknown")

@@ -9,6 +9,7 @@ import (
 	"bufio"
 	"os"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -106,7 +107,8 @@ func markdownFiles(t *testing.T) []string {
 }
 
 // goDecls is every function and method declared in the package's files,
-// by name and by receiver.name, split by test and non-test files.
+// functions by name and methods by receiver.name, split by test and non-test
+// files.
 func goDecls(t *testing.T) (code, tests map[string]string) {
 	t.Helper()
 	decl := regexp.MustCompile(`(?m)^func (?:\(\w+ \*?(\w+)(?:\[[^\]]*\])?\) )?(\w+)[\[(]`)
@@ -122,15 +124,20 @@ func goDecls(t *testing.T) (code, tests map[string]string) {
 			into = tests
 		}
 		for _, m := range decl.FindAllStringSubmatch(string(b), -1) {
-			into[m[2]] = f
 			if m[1] != "" {
 				into[m[1]+"."+m[2]] = f
+			} else {
+				into[m[2]] = f
 			}
 		}
 	}
 	return code, tests
 }
 
+// Every relative link and anchor of the README and docs/ resolves, every page
+// is reached from the README, every test a page names exists, a link named for
+// a function leads to the file that declares it, and the README keeps within
+// its budget.
 func TestDocsLinksResolve(t *testing.T) {
 	if fi, err := os.Stat("README.md"); err != nil || fi.Size() > maxREADME {
 		t.Errorf("README.md is %d bytes, over its budget of %d: the rest belongs in docs/", fi.Size(), maxREADME)
@@ -228,6 +235,8 @@ func TestDocsLinksResolve(t *testing.T) {
 	}
 }
 
+// slug makes the anchors GitHub makes of headings, so that the link check
+// above checks what readers click.
 func TestSlugIsGitHubs(t *testing.T) {
 	for heading, want := range map[string]string{
 		"The SKIP LOCKED relay":                              "the-skip-locked-relay",
@@ -241,3 +250,216 @@ func TestSlugIsGitHubs(t *testing.T) {
 		}
 	}
 }
+
+// The reading tour names functions and the files that hold them: each
+// function must be declared in the file its step names. A name followed by
+// "in [file.go](…)" is that file's; any other, the file the step opens with
+// ("[outbox.go](outbox.go): …"), or the one linked last before it.
+func TestReadingTourNamesTheFileOfEachFunction(t *testing.T) {
+	code, _ := goDecls(t)
+	page := readPage(t, "README.md")
+	var steps []string
+	tour := false
+	for _, line := range page.lines {
+		if strings.HasPrefix(line, "## ") {
+			tour = strings.Contains(line, "reading tour")
+			continue
+		}
+		switch {
+		case !tour:
+		case tourStep.MatchString(line):
+			steps = append(steps, line)
+		case len(steps) > 0 && strings.HasPrefix(line, "   "):
+			steps[len(steps)-1] += " " + strings.TrimSpace(line)
+		}
+	}
+	if len(steps) < 5 {
+		t.Fatalf("README.md's reading tour has %d steps, want its numbered list", len(steps))
+	}
+	named := 0
+	for _, step := range steps {
+		var files []string // what a name without "in [file]" belongs to
+		spanSeen := false
+		for _, m := range tourPart.FindAllStringSubmatch(step, -1) {
+			name, in, link := m[1], m[2], m[3]
+			switch {
+			case link != "" && !spanSeen:
+				files = append(files, link) // the step's heading files
+			case link != "":
+				files = []string{link}
+			case goFuncName.MatchString(name) && !slices.Contains([]string{"BEGIN", "COMMIT"}, name):
+				spanSeen = true
+				named++
+				want := files
+				if in != "" {
+					want = []string{in}
+				}
+				if !slices.Contains(want, code[name]) {
+					t.Errorf("README.md's reading tour places %s in %v; it is declared in %q", name, want, code[name])
+				}
+			default:
+				spanSeen = true
+			}
+		}
+	}
+	t.Logf("%d functions named in %d steps, each in its file", named, len(steps))
+}
+
+var (
+	tourStep = regexp.MustCompile(`^\d+\. `)
+	// A code span, with the file it is said to be "in"; or a link to a Go file.
+	tourPart = regexp.MustCompile("`([^`]+)`(?: in \\[[^\\]]*\\]\\(([^)#]+\\.go)\\))?|\\[[^\\]]*\\]\\(([^)#]+\\.go)\\)")
+)
+
+// Every default the configuration tables state is the code's: for each row,
+// the service configured with the stated default (the README's short rows
+// pair `A`, `B` with `x`, `y`) is configured exactly as with nothing set.
+// Defaults that are not one value ("libpq defaults", "<user cache dir>/…")
+// are left to their words. And every variable the code reads has its row in
+// docs/operations.md.
+func TestConfigurationTablesStateTheCodesDefaults(t *testing.T) {
+	read := map[string]bool{}
+	defaults, err := loadConfig(func(k string) string { read[k] = true; return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	full := map[string]bool{}
+	for _, page := range []string{"docs/operations.md", "README.md"} {
+		rows := 0
+		for _, line := range readPage(t, page).lines {
+			cells := strings.Split(line, "|")
+			if len(cells) < 4 || !strings.HasPrefix(strings.TrimSpace(cells[1]), "`") {
+				continue
+			}
+			var vars, values []string
+			for _, m := range codeSpan.FindAllStringSubmatch(cells[1], -1) {
+				vars = append(vars, m[1])
+			}
+			if !configVar.MatchString(vars[0]) {
+				continue
+			}
+			for _, m := range codeSpan.FindAllStringSubmatch(cells[2], -1) {
+				values = append(values, m[1])
+			}
+			rows++
+			for i, v := range vars {
+				if !read[v] {
+					t.Errorf("%s documents %s, which the service does not read", page, v)
+				}
+				if page == "docs/operations.md" {
+					full[v] = true
+				}
+				if len(values) != len(vars) || strings.Contains(values[i], "<") {
+					continue // not stated as one value each
+				}
+				got, err := loadConfig(func(k string) string {
+					if k == v {
+						return values[i]
+					}
+					return ""
+				})
+				if err != nil {
+					t.Errorf("%s: %s's default `%s`: %v", page, v, values[i], err)
+				} else if !reflect.DeepEqual(got, defaults) {
+					t.Errorf("%s states %s's default as `%s`, which is not the code's", page, v, values[i])
+				}
+			}
+		}
+		if rows < 10 {
+			t.Fatalf("%s: %d configuration rows found, want its table", page, rows)
+		}
+	}
+	for v := range read {
+		if !full[v] {
+			t.Errorf("docs/operations.md has no row for %s, which the service reads", v)
+		}
+	}
+}
+
+var configVar = regexp.MustCompile(`^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$`)
+
+// Every test, fuzz target and benchmark opens with a comment saying what it
+// proves or measures: the promise a reader looks for, and the one a failure
+// breaks.
+func TestEveryTestSaysItsPromise(t *testing.T) {
+	files, _ := filepath.Glob("*_test.go")
+	decl := regexp.MustCompile(`^func (Test|Fuzz|Benchmark)[A-Z]\w*\(`)
+	n := 0
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := strings.Split(string(b), "\n")
+		for i, line := range lines {
+			if !decl.MatchString(line) || strings.HasPrefix(line, "func TestMain(") {
+				continue
+			}
+			n++
+			if i == 0 || !strings.HasPrefix(lines[i-1], "//") {
+				name, _, _ := strings.Cut(strings.TrimPrefix(line, "func "), "(")
+				t.Errorf("%s:%d: %s has no comment saying what it proves", f, i+1, name)
+			}
+		}
+	}
+	if n < 50 {
+		t.Fatalf("%d tests found, want the suite's", n)
+	}
+}
+
+// The README's Layout names every file of the program, so that a reader who
+// opens one knows what it is for.
+func TestLayoutNamesEveryFile(t *testing.T) {
+	named := map[string]bool{}
+	layout := false
+	for _, line := range readPage(t, "README.md").lines {
+		if strings.HasPrefix(line, "## ") {
+			layout = strings.TrimSpace(line) == "## Layout"
+			continue
+		}
+		if layout && strings.HasPrefix(line, "|") {
+			first := strings.Split(line, "|")[1]
+			for _, m := range codeSpan.FindAllStringSubmatch(first, -1) {
+				named[m[1]] = true
+			}
+		}
+	}
+	files, _ := filepath.Glob("*.go")
+	sql, _ := filepath.Glob("*.sql")
+	for _, f := range append(files, sql...) {
+		if !strings.HasSuffix(f, "_test.go") && !named[f] {
+			t.Errorf("README.md's Layout does not name %s", f)
+		}
+	}
+}
+
+// Wherever a page says a function is "in [file.go](…)" or gives its file in
+// parentheses ("`a`, `b` and `c` in [store.go](store.go)", "`writeDBError`
+// ([problem.go](problem.go))"), the file declares it.
+func TestDocsPlaceEachFunctionInItsFile(t *testing.T) {
+	code, _ := goDecls(t)
+	checked := 0
+	for _, page := range markdownFiles(t) {
+		text := strings.Join(readPage(t, page).lines, "\n")
+		for _, para := range strings.Split(text, "\n\n") {
+			para = strings.Join(strings.Fields(para), " ")
+			for _, m := range placedNames.FindAllStringSubmatch(para, -1) {
+				for _, n := range codeSpan.FindAllStringSubmatch(m[1], -1) {
+					file, ok := code[n[1]]
+					if !ok {
+						continue // not a function: a type, a constant, a setting
+					}
+					checked++
+					if file != m[2] {
+						t.Errorf("%s places %s in %s; it is declared in %s", page, n[1], m[2], file)
+					}
+				}
+			}
+		}
+	}
+	t.Logf("%d functions placed in their files", checked)
+}
+
+// placedNames is a run of code spans ("`a`", "`a`, `b` and `c`") followed by
+// the file they are said to be in.
+var placedNames = regexp.MustCompile("((?:`[A-Za-z_][\\w.]*`(?:'s)?(?:,? and |, | or )?)+) (?:in |\\()\\[[^\\]]*\\]\\((?:\\.\\./)?(\\w+\\.go)\\)")

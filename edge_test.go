@@ -28,6 +28,9 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
+// The body is strict JSON: a field in another case, a duplicate key or a lone
+// surrogate is 400 naming it; a Content-Type other than JSON, none or curl's
+// form type is 415.
 func TestStrictJSONAndContentTypes(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -86,6 +89,9 @@ func TestStrictJSONAndContentTypes(t *testing.T) {
 	}
 }
 
+// The HTTP edge answers as the contract says: a path not in its canonical form
+// is 404, never a redirect; a stalled body is 408 without addresses; a chunked
+// request closes its connection; 401 names its challenge.
 func TestEdgeAnswersAreTheContracts(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -169,6 +175,8 @@ func rawExchange(t *testing.T, addr, req string, wait time.Duration) (status int
 	return resp.StatusCode, h.String(), string(b), err == io.EOF
 }
 
+// Event streams are capped in all (503) and per user (429), with Retry-After
+// and the connection closed, and end at their lifetime.
 func TestEventStreamsAreBounded(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -232,6 +240,8 @@ func TestEventStreamsAreBounded(t *testing.T) {
 	})
 }
 
+// A finished order's stream gives its final event, then 204 to an EventSource
+// that reconnects with it, so that a browser stops reconnecting.
 func TestFinishedOrderStreamEndsAnEventSource(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -296,10 +306,9 @@ func TestStalledStreamReaderIsDropped(t *testing.T) {
 // the LISTEN connection wakes only the streams whose order changed meanwhile.
 func TestNotifierWakesOnlyWhatChanged(t *testing.T) {
 	_, _, db := schemaWithTables(t)
-	n := newNotifier(db, slog.New(slog.DiscardHandler), statusChannel)
-	n.resync = func(ctx context.Context, _ string, ids []string) ([]string, error) {
+	n := newNotifier(db, slog.New(slog.DiscardHandler), func(ctx context.Context, _ string, ids []string) ([]string, error) {
 		return ordersNotPending(ctx, db, ids)
-	}
+	}, statusChannel)
 	paid, pending := newUUID(), newUUID()
 	for _, o := range []struct{ id, status string }{{paid, "PAID"}, {pending, "PENDING"}} {
 		if _, err := db.Exec(context.Background(), `INSERT INTO orders (id, user_id, amount, status) VALUES ($1, 'u', 1, $2)`, o.id, o.status); err != nil {

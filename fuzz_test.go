@@ -23,6 +23,8 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
+// Any body is either refused with a 400 or 413 problem that says why, or
+// accepted as a valid order whose amount is exactly the number sent.
 func FuzzDecodeOrderInput(f *testing.F) {
 	for _, seed := range []string{
 		`{"amount": 1500, "description": "Книга"}`, `{"amount": 1}`, `{"amount": 0}`, `{"amount": -5}`,
@@ -92,6 +94,9 @@ var paymentResultSeeds = []string{
 	`null`, ``, `[]`, `"ORDER"`,
 }
 
+// Any record value is either refused as poison (for the DLQ, never retried) or
+// accepted as a valid result: a UUID order id, PAID or FAILED, a reason only
+// with FAILED.
 func FuzzDecodePaymentResult(f *testing.F) {
 	for _, seed := range paymentResultSeeds {
 		f.Add([]byte(strings.ReplaceAll(seed, "ORDER", "01890000-0000-7000-8000-0000000000aa")))

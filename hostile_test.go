@@ -913,7 +913,7 @@ func TestShutdownAnswersRequestsInFlight(t *testing.T) {
 // second, however many came before (the backoff counts failures in a row).
 func TestListenReconnectsPromptlyAfterEveryDrop(t *testing.T) {
 	db := schemaPool(t, newSchema(t))
-	n := newNotifier(db, testLogger(t), outboxChannel)
+	n := newNotifier(db, testLogger(t), nil, outboxChannel)
 	connected, unsubscribe := n.subscribe(outboxChannel, "")
 	defer unsubscribe()
 	ctx, cancel := context.WithCancel(context.Background())

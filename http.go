@@ -5,20 +5,13 @@ package main
 // the -healthcheck probe.
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/sha256"
 	_ "embed"
 	"encoding/binary"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
-	"mime"
-	"net"
 	"net/http"
 	_ "net/http/pprof" // served only on PPROF_ADDR (servePprof)
 	"net/url"
@@ -28,8 +21,6 @@ import (
 	"strings"
 	"sync"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/twmb/franz-go/pkg/kgo"
@@ -46,12 +37,12 @@ var (
 // newServer builds the HTTP server: every route, then the middleware, behind
 // the limits a public listener needs.
 func newServer(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
-	streams *streamLimits, m *metrics, floor *claimFloor) *http.Server {
+	streams *streamLimits, m *metrics, g gauges) *http.Server {
 	// Shutdown waits for requests in flight, but an event stream of a
 	// PENDING order could outlast it: streams end when shutdown begins.
 	stopStreams := make(chan struct{})
 	mux := http.NewServeMux()
-	addRoutes(mux, log, db, kafka, notes, orders, streams, m, floor, stopStreams)
+	addRoutes(mux, log, db, kafka, notes, orders, streams, m, g, stopStreams)
 	srv := &http.Server{
 		// traceRequests first: the request it hands on is the one the mux
 		// stamps with its route pattern, which instrument reads.
@@ -118,34 +109,6 @@ func canonicalPath(p string) bool {
 	return clean == p
 }
 
-// problemWriter replaces the mux's text/plain error body with a problem.
-type problemWriter struct {
-	http.ResponseWriter
-	r       *http.Request
-	problem bool
-}
-
-func (w *problemWriter) WriteHeader(code int) {
-	if code < 400 {
-		w.ResponseWriter.WriteHeader(code)
-		return
-	}
-	w.problem = true
-	detail := fmt.Sprintf("no route for %s %s", w.r.Method, w.r.URL.Path)
-	if code == http.StatusMethodNotAllowed {
-		detail = fmt.Sprintf("%s is not allowed on %s; allowed: %s", w.r.Method, w.r.URL.Path, w.Header().Get("Allow"))
-	}
-	w.Header().Del("Content-Length")
-	writeProblem(w.ResponseWriter, code, detail)
-}
-
-func (w *problemWriter) Write(b []byte) (int, error) {
-	if w.problem {
-		return len(b), nil // the mux's text body, replaced
-	}
-	return w.ResponseWriter.Write(b)
-}
-
 // router is what addRoutes needs of a mux; the tests pass one that records
 // the patterns, to hold openapi.yaml to them.
 type router interface {
@@ -154,38 +117,17 @@ type router interface {
 
 // addRoutes is the whole API surface in one place.
 func addRoutes(mux router, log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client, notes *notifier, orders *orderWriter,
-	streams *streamLimits, m *metrics, floor *claimFloor, stopStreams <-chan struct{}) {
+	streams *streamLimits, m *metrics, g gauges, stopStreams <-chan struct{}) {
 	mux.Handle("POST /orders", handleCreateOrder(log, orders, m))
 	mux.Handle("GET /orders", handleListOrders(log, db))
 	mux.Handle("GET /orders/{id}", handleGetOrder(log, db))
 	mux.Handle("GET /orders/{id}/events", handleOrderEvents(log, db, notes, streams, stopStreams))
 	mux.Handle("GET /healthz", handleHealthz())
 	mux.Handle("GET /readyz", handleReadyz(log, db, kafka))
-	mux.Handle("GET /metrics", handleMetrics(m, func(ctx context.Context) (databaseGauges, error) {
-		return getDatabaseGauges(ctx, db, floor.get())
-	}))
+	mux.Handle("GET /metrics", handleMetrics(m, g))
 	mux.Handle("GET /openapi.yaml", handleFile("application/yaml", openapiYAML))
 	mux.Handle("GET /asyncapi.yaml", handleFile("application/yaml", asyncapiYAML))
 }
-
-const (
-	maxBodyBytes     = 1 << 20
-	bodyReadTimeout  = 5 * time.Second
-	maxDescription   = 1000
-	maxUserID        = 128
-	maxIdempotency   = 255
-	defaultPageSize  = 50
-	maxPageSize      = 500
-	requestDBTimeout = 2500 * time.Millisecond // with settleTimeout, within 5s
-)
-
-type createOrderRequest struct {
-	Amount      json.RawMessage `json:"amount"` // read by orderAmount
-	Description *string         `json:"description"`
-}
-
-// orderFields are createOrderRequest's fields, exactly as they are spelled.
-var orderFields = []string{"amount", "description"}
 
 func handleCreateOrder(log *slog.Logger, orders *orderWriter, m *metrics) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -374,357 +316,6 @@ func handleReadyz(log *slog.Logger, db *pgxpool.Pool, kafka *kgo.Client) http.Ha
 		wg.Wait()
 		writeJSON(w, code, checks)
 	})
-}
-
-// requireUser reads X-User-Id. Authentication happens upstream (a gateway);
-// this service trusts the header but still bounds what it stores.
-func requireUser(w http.ResponseWriter, r *http.Request) (string, bool) {
-	vals := r.Header.Values("X-User-Id")
-	if len(vals) == 0 || vals[0] == "" {
-		// The scheme names the header the gateway in front of this
-		// service sets; RFC 9110 asks a 401 to name its challenge.
-		w.Header().Set("WWW-Authenticate", `X-User-Id realm="order-service"`)
-		writeProblem(w, http.StatusUnauthorized, "the X-User-Id header is required")
-		return "", false
-	}
-	if len(vals) > 1 || !printable(vals[0], maxUserID) {
-		writeProblem(w, http.StatusBadRequest, fmt.Sprintf("X-User-Id must be one header of 1 to %d printable characters", maxUserID))
-		return "", false
-	}
-	return vals[0], true
-}
-
-// requireUserAndOrderID reads X-User-Id and the {id} of /orders/{id}.
-func requireUserAndOrderID(w http.ResponseWriter, r *http.Request) (userID, id string, ok bool) {
-	if userID, ok = requireUser(w, r); !ok {
-		return "", "", false
-	}
-	id = strings.ToLower(r.PathValue("id"))
-	if !isUUID(id) {
-		writeProblem(w, http.StatusBadRequest, "order id must be a UUID")
-		return "", "", false
-	}
-	return userID, id, true
-}
-
-func printable(s string, maxChars int) bool {
-	if s == "" || !utf8.ValidString(s) || utf8.RuneCountInString(s) > maxChars {
-		return false
-	}
-	for _, c := range s {
-		if !unicode.IsPrint(c) {
-			return false
-		}
-	}
-	return true
-}
-
-// orderInput is a validated POST /orders body.
-type orderInput struct {
-	Amount      int64
-	Description string
-}
-
-// decodeOrderInput reads and validates a POST /orders body; a non-nil problem
-// says what is wrong with it (400, or 413 past maxBodyBytes).
-func decodeOrderInput(body io.Reader) (orderInput, *problem) {
-	b, err := io.ReadAll(body)
-	var mbe *http.MaxBytesError
-	var ne net.Error
-	switch {
-	case errors.As(err, &mbe):
-		return orderInput{}, &problem{Status: http.StatusRequestEntityTooLarge, Detail: fmt.Sprintf("request body is larger than %d bytes", mbe.Limit)}
-	case errors.Is(err, os.ErrDeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
-		return orderInput{}, &problem{Status: http.StatusRequestTimeout, Detail: fmt.Sprintf("the request body did not arrive within %s", bodyReadTimeout)}
-	case err != nil:
-		// Not err's text: it names the socket's addresses.
-		return orderInput{}, badRequest("the request body could not be read whole")
-	}
-	if !utf8.Valid(b) {
-		// encoding/json would quietly turn bad bytes into U+FFFD, and the
-		// stored description would differ from what the client sent.
-		return orderInput{}, badRequest("request body is not valid UTF-8")
-	}
-	if err := findLoneSurrogate(b); err != nil {
-		// encoding/json would store U+FFFD in its place, as for bad UTF-8.
-		return orderInput{}, badRequest("request body holds a " + err.Error() + ": not a Unicode character")
-	}
-	req, err := decodeJSON[createOrderRequest](bytes.NewReader(b))
-	if err != nil {
-		return orderInput{}, decodeProblem(err)
-	}
-	if err := checkKeys(b, orderFields); err != nil {
-		return orderInput{}, badRequest(err.Error())
-	}
-	amount, p := orderAmount(req.Amount)
-	if p != nil {
-		return orderInput{}, p
-	}
-	var desc string
-	if req.Description != nil {
-		desc = *req.Description
-	}
-	if n := utf8.RuneCountInString(desc); n > maxDescription {
-		return orderInput{}, badRequest(fmt.Sprintf("description is %d characters long; at most %d are allowed", n, maxDescription))
-	}
-	if strings.ContainsRune(desc, 0) {
-		// PostgreSQL text cannot hold NUL.
-		return orderInput{}, badRequest("description must not contain NUL characters")
-	}
-	return orderInput{Amount: amount, Description: desc}, nil
-}
-
-// orderAmount reads amount as JSON Schema reads an integer: any JSON number
-// whose value is whole, so 1500, 1500.0 and 1.5e3 are all 1500 (a generated
-// client may send any of them); fractions, strings and values beyond int64
-// are the client's mistake.
-func orderAmount(raw json.RawMessage) (int64, *problem) {
-	wrong := func(got string) (int64, *problem) {
-		return 0, badRequest(fmt.Sprintf("amount must be an integer from 1 to %d (minor units), got %s", int64(1<<63-1), got))
-	}
-	s := string(raw)
-	switch {
-	case s == "" || s == "null":
-		return 0, badRequest("amount is required")
-	case s[0] == '"':
-		return wrong("string")
-	case s[0] == '{':
-		return wrong("object")
-	case s[0] == '[':
-		return wrong("array")
-	case s == "true" || s == "false":
-		return wrong("bool")
-	}
-	n, ok := wholeNumber(s)
-	switch {
-	case !ok:
-		return wrong("number " + s)
-	case n <= 0:
-		return 0, badRequest("amount must be a positive integer (minor units)")
-	}
-	return n, nil
-}
-
-// wholeNumber is the value of JSON number s when it is a whole number within
-// int64. Exact: it works on the decimal digits, never on a float, and never
-// builds a number longer than int64's 19 digits (1e999999999 is refused, not
-// computed).
-func wholeNumber(s string) (int64, bool) {
-	if n, err := strconv.ParseInt(s, 10, 64); err == nil {
-		return n, true
-	}
-	mant, exp, _ := strings.Cut(strings.ToLower(s), "e")
-	e := 0
-	if exp != "" {
-		var err error
-		if e, err = strconv.Atoi(exp); err != nil {
-			return 0, false
-		}
-	}
-	sign := ""
-	if strings.HasPrefix(mant, "-") {
-		sign, mant = "-", mant[1:]
-	}
-	whole, frac, _ := strings.Cut(mant, ".")
-	digits := strings.TrimLeft(whole+frac, "0")
-	e -= len(frac)
-	trimmed := strings.TrimRight(digits, "0")
-	e += len(digits) - len(trimmed)
-	switch {
-	case trimmed == "":
-		return 0, true
-	case e < 0 || len(trimmed)+e > 19:
-		return 0, false
-	}
-	n, err := strconv.ParseInt(sign+trimmed+strings.Repeat("0", e), 10, 64)
-	return n, err == nil
-}
-
-// decodeJSON reads exactly one JSON value with no unknown fields.
-func decodeJSON[T any](body io.Reader) (T, error) {
-	var v T
-	dec := json.NewDecoder(body)
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&v); err != nil {
-		return v, err
-	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		return v, errors.New("request body must hold a single JSON object")
-	}
-	return v, nil
-}
-
-func badRequest(detail string) *problem {
-	return &problem{Status: http.StatusBadRequest, Detail: detail}
-}
-
-// acceptedBodyType: JSON, or no type at all, or the form type curl's -d sends
-// unless told otherwise, so that the plainest curl line works; the body is
-// read as JSON whatever the type says.
-func acceptedBodyType(contentType string) bool {
-	if contentType == "" {
-		return true
-	}
-	mt, params, err := mime.ParseMediaType(contentType)
-	if err != nil {
-		return false
-	}
-	if cs, ok := params["charset"]; ok && !strings.EqualFold(cs, "utf-8") {
-		return false
-	}
-	return mt == "application/json" || mt == "application/x-www-form-urlencoded"
-}
-
-// decodeProblem explains a decoding error in the client's terms.
-func decodeProblem(err error) *problem {
-	var (
-		se *json.SyntaxError
-		te *json.UnmarshalTypeError
-	)
-	switch {
-	case errors.Is(err, io.EOF):
-		return badRequest("request body is empty; want a JSON object such as {\"amount\": 1000}")
-	case errors.As(err, &se), errors.Is(err, io.ErrUnexpectedEOF):
-		return badRequest("request body is not valid JSON: " + err.Error())
-	case errors.As(err, &te) && te.Field != "":
-		return badRequest(fmt.Sprintf("%s must be a %s, got %s", te.Field, te.Type, te.Value))
-	case errors.As(err, &te):
-		return badRequest("request body must be a JSON object, got " + te.Value)
-	default:
-		// Unknown fields and trailing data; the decoder's text names the field.
-		return badRequest(strings.TrimPrefix(err.Error(), "json: "))
-	}
-}
-
-// writeDBError answers 503 with Retry-After when the failure is transient
-// (the database unreachable, read-only, too slow, or a conflict with another
-// transaction: the client may retry) and 500 for anything else, which is a
-// bug: requests are validated before they reach the database.
-func writeDBError(w http.ResponseWriter, r *http.Request, log *slog.Logger, err error) {
-	if errors.Is(r.Context().Err(), context.Canceled) {
-		return // the client went away
-	}
-	if dbTransient(err) {
-		log.WarnContext(r.Context(), "database unavailable", repeatsKey, repeatsOf("database unavailable", err), "route", r.Pattern, "err", err)
-		w.Header().Set("Retry-After", "1")
-		detail := "the database is unavailable; retry later"
-		if errors.Is(err, errCommitOutcomeUnknown) {
-			detail = "the database did not confirm whether the order was stored; retry with the same Idempotency-Key, " +
-				"or list your orders before retrying without one"
-		}
-		writeProblem(w, http.StatusServiceUnavailable, detail)
-		return
-	}
-	log.ErrorContext(r.Context(), "request failed", "route", r.Pattern, "err", err)
-	writeProblem(w, http.StatusInternalServerError, "internal error")
-}
-
-// writeOverloaded answers a POST /orders refused unwritten: more orders are
-// arriving than the writers can commit.
-func writeOverloaded(w http.ResponseWriter, r *http.Request, log *slog.Logger) {
-	log.WarnContext(r.Context(), "order refused: more orders are arriving than can be written", repeatsKey, "order refused")
-	w.Header().Set("Retry-After", "1")
-	writeProblem(w, http.StatusServiceUnavailable, "more orders are arriving than can be written; nothing was stored, retry later")
-}
-
-// problem is an RFC 9457 problem details object.
-type problem struct {
-	Type   string `json:"type"`
-	Title  string `json:"title"`
-	Status int    `json:"status"`
-	Detail string `json:"detail"`
-}
-
-func writeProblem(w http.ResponseWriter, status int, detail string) {
-	w.Header().Set("Content-Type", "application/problem+json")
-	w.Header().Set("X-Content-Type-Options", "nosniff")
-	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(problem{Type: "about:blank", Title: http.StatusText(status), Status: status, Detail: detail}) //nolint:errcheck // the client is gone
-}
-
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(v) //nolint:errcheck // the client is gone
-}
-
-func recoverPanics(log *slog.Logger, next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		defer func() {
-			if v := recover(); v != nil {
-				if v == http.ErrAbortHandler {
-					panic(v)
-				}
-				log.ErrorContext(r.Context(), "panic serving request", "route", r.Pattern, "panic", v)
-				writeProblem(w, http.StatusInternalServerError, "internal error")
-			}
-		}()
-		next.ServeHTTP(w, r)
-	})
-}
-
-// The cursor is "<created_at in µs since 1970>.<order id>" of the last order
-// of a page: opaque to clients, who pass back next_cursor, but with a format
-// openapi.yaml can state exactly, so that every value it allows is accepted.
-func encodeCursor(k pageKey) string {
-	return strconv.FormatInt(k.CreatedAt.UnixMicro(), 10) + "." + k.ID
-}
-
-// maxCursorDigits bounds the timestamp to year 5138: no order is newer, and
-// PostgreSQL holds it.
-const maxCursorDigits = 17
-
-func decodeCursor(s string) (pageKey, error) {
-	ts, id, ok := strings.Cut(s, ".")
-	if !ok || ts == "" || len(ts) > maxCursorDigits || strings.Trim(ts, "0123456789") != "" || !isUUID(id) {
-		return pageKey{}, errors.New("malformed cursor")
-	}
-	us, err := strconv.ParseInt(ts, 10, 64)
-	if err != nil {
-		return pageKey{}, errors.New("malformed cursor")
-	}
-	return pageKey{CreatedAt: time.UnixMicro(us).UTC(), ID: id}, nil
-}
-
-// newUUID returns a version 7 UUID: time-ordered, so new orders and events
-// land at the right edge of their indexes instead of at random pages.
-func newUUID() string {
-	var u [16]byte
-	binary.BigEndian.PutUint64(u[:8], uint64(time.Now().UnixMilli())<<16)
-	rand.Read(u[6:])
-	u[6] = u[6]&0x0f | 0x70 // version 7
-	u[8] = u[8]&0x3f | 0x80 // RFC 9562 variant
-	var s [36]byte
-	hex.Encode(s[0:8], u[0:4])
-	s[8] = '-'
-	hex.Encode(s[9:13], u[4:6])
-	s[13] = '-'
-	hex.Encode(s[14:18], u[6:8])
-	s[18] = '-'
-	hex.Encode(s[19:23], u[8:10])
-	s[23] = '-'
-	hex.Encode(s[24:], u[10:])
-	return string(s[:])
-}
-
-// isUUID accepts the canonical lowercase 8-4-4-4-12 form only.
-func isUUID(s string) bool {
-	if len(s) != 36 {
-		return false
-	}
-	for i, c := range []byte(s) {
-		switch i {
-		case 8, 13, 18, 23:
-			if c != '-' {
-				return false
-			}
-		default:
-			if !('0' <= c && c <= '9' || 'a' <= c && c <= 'f') {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 // healthcheck is `order-service -healthcheck`: a probe for container images

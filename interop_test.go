@@ -42,6 +42,9 @@ func kafkaTool(t *testing.T, stdin string, class string, args ...string) string 
 	return out.String()
 }
 
+// Kafka's own console tools speak the contract: the console consumer reads
+// pay-order's key, headers and value; a result from the console producer is
+// applied.
 func TestKafkaConsoleToolsSpeakTheContract(t *testing.T) {
 	kafkaScript(t)
 	b := newBroker(t, false)

@@ -20,9 +20,6 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// statusChannel carries the id of an order whose status just changed.
-const statusChannel = "order_service_status"
-
 type notifier struct {
 	db       *pgxpool.Pool
 	log      *slog.Logger
@@ -44,8 +41,10 @@ type notifier struct {
 // subscribers it wakes, not all of them.
 type subKey struct{ channel, payload string }
 
-func newNotifier(db *pgxpool.Pool, log *slog.Logger, channels ...string) *notifier {
-	return &notifier{db: db, log: log, channels: channels, subs: map[subKey]map[chan struct{}]struct{}{},
+// newNotifier listens on channels; resync may be nil (see notifier.resync).
+func newNotifier(db *pgxpool.Pool, log *slog.Logger,
+	resync func(ctx context.Context, channel string, payloads []string) ([]string, error), channels ...string) *notifier {
+	return &notifier{db: db, log: log, resync: resync, channels: channels, subs: map[subKey]map[chan struct{}]struct{}{},
 		pending: map[string]struct{}{}, kick: make(chan struct{}, 1), self: newUUID()}
 }
 

@@ -5,7 +5,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,10 +12,6 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"path/filepath"
-	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -38,175 +33,6 @@ func main() {
 		fmt.Fprintf(os.Stderr, "order-service: %v\n", err)
 		os.Exit(1)
 	}
-}
-
-// defaultHTTPAddr is loopback: the service trusts X-User-Id, so `go run .`
-// on a laptop must not serve the network. Images and compose set ":8081".
-const defaultHTTPAddr = "127.0.0.1:8081"
-
-// Topic names of the Kafka contract and the consumer group (before
-// KAFKA_TOPIC_PREFIX).
-const (
-	topicPayOrder       = "pay-order"
-	topicPaymentResults = "payment-results"
-	topicPaymentDLQ     = "payment-results.dlq"
-	consumerGroup       = "order-service"
-)
-
-type config struct {
-	HTTPAddr          string
-	DatabaseURL       string
-	KafkaBrokers      []string
-	EmbeddedKafkaAddr string
-	EmbeddedKafkaDir  string
-	DemoPayments      bool
-	TopicPrefix       string
-	TopicPartitions   int32
-	StartupTimeout    time.Duration
-	ShutdownTimeout   time.Duration
-	RelayBatchSize    int
-	RelayWorkers      int
-	RelayPollInterval time.Duration
-	ProduceTimeout    time.Duration
-	SessionTimeout    time.Duration
-	RebalanceTimeout  time.Duration
-	InstanceID        string
-	GroupProtocol     string
-	CreateBatchMax    int
-	CreateWriters     int
-	CreateQueueMax    int
-	PprofAddr         string
-	StreamsMax        int
-	StreamsPerUser    int
-	StreamLifetime    time.Duration
-	LogLevel          slog.Level
-	LogJSON           bool
-}
-
-func (c config) topic(name string) string { return c.TopicPrefix + name }
-
-// loadConfig reads the environment; every variable has a default that makes
-// `go run .` work on a developer machine. Every malformed variable is named
-// in one error.
-func loadConfig(getenv func(string) string) (config, error) {
-	e := &env{getenv: getenv}
-	c := config{
-		HTTPAddr:          e.str("HTTP_ADDR", defaultHTTPAddr),
-		DatabaseURL:       e.str("DATABASE_URL", ""),
-		KafkaBrokers:      e.list("KAFKA_BROKERS"),
-		EmbeddedKafkaAddr: e.str("EMBEDDED_KAFKA_ADDR", "127.0.0.1:9092"),
-		EmbeddedKafkaDir:  e.str("EMBEDDED_KAFKA_DIR", defaultKafkaDir()),
-		TopicPrefix:       e.str("KAFKA_TOPIC_PREFIX", ""),
-		TopicPartitions:   int32(e.num("KAFKA_TOPIC_PARTITIONS", 3, 1, 1000)),
-		StartupTimeout:    e.dur("STARTUP_TIMEOUT", 30*time.Second),
-		ShutdownTimeout:   e.dur("SHUTDOWN_TIMEOUT", 10*time.Second),
-		RelayBatchSize:    e.num("RELAY_BATCH_SIZE", 500, 1, 10000),
-		RelayWorkers:      e.num("RELAY_WORKERS", 2, 1, 16),
-		RelayPollInterval: e.dur("RELAY_POLL_INTERVAL", time.Second),
-		ProduceTimeout:    e.dur("RELAY_PRODUCE_TIMEOUT", 10*time.Second),
-		SessionTimeout:    e.dur("KAFKA_SESSION_TIMEOUT", 10*time.Second),
-		RebalanceTimeout:  e.dur("KAFKA_REBALANCE_TIMEOUT", 60*time.Second),
-		InstanceID:        e.str("KAFKA_GROUP_INSTANCE_ID", ""),
-		GroupProtocol:     e.oneOf("KAFKA_GROUP_PROTOCOL", groupProtocolConsumer, groupProtocolClassic),
-		CreateBatchMax:    e.num("CREATE_BATCH_MAX", 64, 1, 1000),
-		CreateWriters:     e.num("CREATE_WRITERS", 2, 1, 64),
-		CreateQueueMax:    e.num("CREATE_QUEUE_MAX", 512, 1, 100_000),
-		PprofAddr:         e.str("PPROF_ADDR", ""),
-		StreamsMax:        e.num("STREAMS_MAX", 1000, 1, 1_000_000),
-		StreamsPerUser:    e.num("STREAMS_PER_USER", 10, 1, 10_000),
-		StreamLifetime:    e.dur("STREAM_MAX_LIFETIME", 5*time.Minute),
-		LogJSON:           e.oneOf("LOG_FORMAT", "text", "json") == "json",
-	}
-	// The demo Payment Service answers by default only where nobody else
-	// can: on the embedded broker.
-	c.DemoPayments = e.boolean("DEMO_PAYMENTS", len(c.KafkaBrokers) == 0)
-	if err := c.LogLevel.UnmarshalText([]byte(e.str("LOG_LEVEL", "info"))); err != nil {
-		e.errs = append(e.errs, fmt.Errorf("LOG_LEVEL: %w", err))
-	}
-	if err := errors.Join(e.errs...); err != nil {
-		return c, fmt.Errorf("configuration: %w", err)
-	}
-	return c, nil
-}
-
-// env reads configuration variables and collects what is wrong with them.
-type env struct {
-	getenv func(string) string
-	errs   []error
-}
-
-func (e *env) str(key, def string) string {
-	if v := strings.TrimSpace(e.getenv(key)); v != "" {
-		return v
-	}
-	return def
-}
-
-// list is a comma-separated list, empty items dropped.
-func (e *env) list(key string) []string {
-	var items []string
-	for _, v := range strings.Split(e.str(key, ""), ",") {
-		if v = strings.TrimSpace(v); v != "" {
-			items = append(items, v)
-		}
-	}
-	return items
-}
-
-func (e *env) dur(key string, def time.Duration) time.Duration {
-	v := e.str(key, "")
-	if v == "" {
-		return def
-	}
-	d, err := time.ParseDuration(v)
-	if err != nil || d <= 0 {
-		e.errs = append(e.errs, fmt.Errorf("%s=%q: want a positive duration such as 1s or 500ms", key, v))
-	}
-	return d
-}
-
-func (e *env) num(key string, def, lo, hi int) int {
-	v := e.str(key, "")
-	if v == "" {
-		return def
-	}
-	n, err := strconv.Atoi(v)
-	if err != nil || n < lo || n > hi {
-		e.errs = append(e.errs, fmt.Errorf("%s=%q: want an integer from %d to %d", key, v, lo, hi))
-	}
-	return n
-}
-
-// oneOf is one of the given words, in any case; the first is the default.
-func (e *env) oneOf(key string, words ...string) string {
-	v := strings.ToLower(e.str(key, words[0]))
-	if !slices.Contains(words, v) {
-		e.errs = append(e.errs, fmt.Errorf("%s=%q: want %s", key, v, strings.Join(words, " or ")))
-	}
-	return v
-}
-
-func (e *env) boolean(key string, def bool) bool {
-	switch v := strings.ToLower(e.str(key, "")); v {
-	case "":
-		return def
-	case "true", "1", "yes":
-		return true
-	case "false", "0", "no":
-		return false
-	default:
-		e.errs = append(e.errs, fmt.Errorf("%s=%q: want true or false", key, v))
-		return def
-	}
-}
-
-// defaultKafkaDir keeps the embedded broker's log in the user's cache.
-func defaultKafkaDir() string {
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		cache = os.TempDir()
-	}
-	return filepath.Join(cache, "order-service", "kafka")
 }
 
 // run is the whole program; main only adds the OS. Tests call it with their
@@ -243,7 +69,8 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 		return fmt.Errorf("kafka producer: %w", err)
 	}
 	defer closeBefore(&stopBy, producer.Close)
-	c, err := newConsumer(brokers, cfg, log, db, producer, newMetrics())
+	m := newMetrics()
+	c, err := newConsumer(brokers, cfg, log, db, producer, m)
 	if err != nil {
 		return fmt.Errorf("kafka consumer: %w", err)
 	}
@@ -262,8 +89,7 @@ func run(ctx context.Context, getenv func(string) string, stdout io.Writer) erro
 	}
 	ln := newLimitListener(tcp, maxConns)
 
-	p := start(ctx, cfg, log, db, brokers, producer, c, maxStreams)
-	p.metrics.conns = ln
+	p := start(ctx, cfg, log, db, brokers, producer, c, m, ln, maxStreams)
 	log.Info("http server listening", "addr", ln.Addr().String())
 	srvErr := make(chan error, 1)
 	go func() { srvErr <- p.srv.Serve(ln) }()
@@ -294,7 +120,6 @@ type program struct {
 	cfg             config
 	log             *slog.Logger
 	srv             *http.Server
-	metrics         *metrics
 	producer, group *kgo.Client
 	workers         sync.WaitGroup
 	stopWork        context.CancelFunc // asks the workers to finish
@@ -304,12 +129,8 @@ type program struct {
 // start wires the service's parts and starts its workers; the server is
 // returned ready to serve.
 func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, brokers []string,
-	producer *kgo.Client, c *consumer, maxStreams int) *program {
-	m := c.metrics
-	p := &program{cfg: cfg, log: log, producer: producer, group: c.group, metrics: m}
-	m.consumerLag = func(ctx context.Context) (map[int32]int64, error) {
-		return consumerLag(ctx, producer, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults))
-	}
+	producer *kgo.Client, c *consumer, m *metrics, conns *limitListener, maxStreams int) *program {
+	p := &program{cfg: cfg, log: log, producer: producer, group: c.group}
 	// Workers outlive ctx: they are stopped in order during shutdown.
 	workCtx, stopWork := context.WithCancel(context.WithoutCancel(ctx))
 	// abortCtx ends when shutdown's budget is nearly spent: work still in
@@ -321,10 +142,9 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 		ensureTopics(workCtx, producer, log, cfg.TopicPartitions,
 			cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults), cfg.topic(topicPaymentDLQ))
 	})
-	notes := newNotifier(db, log, outboxChannel, statusChannel)
-	notes.resync = func(ctx context.Context, _ string, orderIDs []string) ([]string, error) {
+	notes := newNotifier(db, log, func(ctx context.Context, _ string, orderIDs []string) ([]string, error) {
 		return ordersNotPending(ctx, db, orderIDs) // only the event streams subscribe to one payload
-	}
+	}, outboxChannel, statusChannel)
 	wg.Go(func() { notes.run(workCtx) })
 	orders := newOrderWriter(db, cfg.topic(topicPayOrder), cfg.CreateBatchMax, cfg.CreateQueueMax, m,
 		func() { notes.announce(outboxChannel) })
@@ -347,14 +167,20 @@ func start(ctx context.Context, cfg config, log *slog.Logger, db *pgxpool.Pool, 
 	if cfg.DemoPayments {
 		log.Info("demo payments on: orders up to the limit are PAID, larger ones FAILED", "limit", demoPaymentLimit)
 		wg.Go(func() {
-			if err := demoPayments(workCtx, brokers, cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults),
+			if err := demoPayments(workCtx, db, brokers, cfg.topic(topicPayOrder), cfg.topic(topicPaymentResults),
 				cfg.topic(consumerGroup)+"-demo-payments", log); err != nil {
 				log.Error("demo payments stopped", "err", err)
 			}
 		})
 	}
-	m.streams = newStreamLimits(maxStreams, cfg.StreamsPerUser, cfg.StreamLifetime)
-	p.srv = newServer(log, db, producer, notes, orders, m.streams, m, floor)
+	streams := newStreamLimits(maxStreams, cfg.StreamsPerUser, cfg.StreamLifetime)
+	p.srv = newServer(log, db, producer, notes, orders, streams, m, gauges{
+		database:   func(ctx context.Context) (databaseGauges, error) { return getDatabaseGauges(ctx, db, floor.get()) },
+		orderQueue: orders.waiting, streams: streams.gauges, conns: conns.gauges,
+		consumerLag: func(ctx context.Context) (map[int32]int64, error) {
+			return consumerLag(ctx, producer, cfg.topic(consumerGroup), cfg.topic(topicPaymentResults))
+		},
+	})
 	return p
 }
 

@@ -31,6 +31,8 @@ import (
 
 // --- the API ---
 
+// An order and its pay-order event commit together, and the event is published
+// with the order id as key, an event-id header and the contract's fields.
 func TestCreateOrderWritesOrderAndOutboxAndPublishes(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -80,6 +82,8 @@ func TestCreateOrderWritesOrderAndOutboxAndPublishes(t *testing.T) {
 	})
 }
 
+// Bad input gets a problem+json 4xx that says what is wrong, and writes no
+// order and no event.
 func TestCreateOrderRejectsBadInputAndWritesNothing(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -170,6 +174,8 @@ func TestCreateOrderRejectsBadInputAndWritesNothing(t *testing.T) {
 	}
 }
 
+// An Idempotency-Key replay returns the same order and emits no second event,
+// even when the replays are concurrent; the same key with another body is 409.
 func TestIdempotencyKey(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -232,6 +238,8 @@ func TestIdempotencyKey(t *testing.T) {
 	}
 }
 
+// Paging through a user's orders visits each exactly once, newest first,
+// however the pages fall.
 func TestListOrdersPagesEveryOrderOnceNewestFirst(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -320,6 +328,8 @@ func TestListOrdersPagesEveryOrderOnceNewestFirst(t *testing.T) {
 	}
 }
 
+// Another user's order is never visible: 404, as for an order that does not
+// exist.
 func TestGetOrderIsolatesUsers(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -361,6 +371,8 @@ func TestGetOrderIsolatesUsers(t *testing.T) {
 
 // --- payment results ---
 
+// A payment result is applied once; duplicates and conflicting results change
+// nothing; offsets are committed only after the database.
 func TestPaymentResultsApplyOnceAndCommitOffsets(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -399,6 +411,8 @@ func TestPaymentResultsApplyOnceAndCommitOffsets(t *testing.T) {
 	}
 }
 
+// Poison payment results go to the DLQ with an error header and never block
+// their partition: the results after them are applied.
 func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -442,6 +456,8 @@ func TestPoisonPaymentResultsGoToDLQWithoutBlocking(t *testing.T) {
 
 // --- faults ---
 
+// /healthz answers 200 while the process lives; /readyz answers 200 naming the
+// database and Kafka ok when both are.
 func TestReadyzAndHealthz(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -455,6 +471,9 @@ func TestReadyzAndHealthz(t *testing.T) {
 	}
 }
 
+// A malformed variable stops the start with an error naming it; nothing set is
+// a configuration that works for go run . (loopback, embedded broker, demo
+// payments).
 func TestConfigRejectsBadValues(t *testing.T) {
 	for _, env := range []map[string]string{
 		{"RELAY_BATCH_SIZE": "0"},
@@ -514,6 +533,48 @@ func TestGoRunWithEmbeddedBroker(t *testing.T) {
 	waitFor(t, 15*time.Second, "a new order paid after restart", func() bool {
 		return s2.getOrder(t, user, third.ID).Status == "PAID"
 	})
+}
+
+// The demo Payment Service decides each pay-order event once, as the
+// contract asks of a Payment Service (docs/api.md): a copy of an event that
+// comes again, even one whose amount would now be refused, is answered with
+// the decision stored the first time, and its inbox holds the event once.
+func TestDemoPaymentServiceDecidesEachEventOnce(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["DEMO_PAYMENTS"] = "true"
+	s := startService(t, env)
+	user := newUser()
+	o := s.createOrder(t, user, 1000)
+	waitFor(t, 15*time.Second, "the demo paying the order", func() bool { return s.getOrder(t, user, o.ID).Status == "PAID" })
+	ev := readPayOrders(t, b, []string{o.ID}, 10*time.Second)[0]
+	again, err := json.Marshal(map[string]any{"event_id": ev.EventID, "order_id": ev.OrderID, "user_id": ev.UserID,
+		"amount": demoPaymentLimit + 1, "created_at": ev.CreatedAt})
+	if err != nil {
+		t.Fatal(err)
+	}
+	produceRecords(t, b, &kgo.Record{Topic: b.topic(topicPayOrder), Key: []byte(o.ID), Value: again,
+		Headers: []kgo.RecordHeader{{Key: "event-id", Value: []byte(ev.EventID)}}})
+	var answers []string
+	readTopic(t, b, b.topic(topicPaymentResults), 15*time.Second, func(recs []*kgo.Record) bool {
+		answers = answers[:0]
+		for _, r := range recs {
+			if string(r.Key) == o.ID {
+				answers = append(answers, string(r.Value))
+			}
+		}
+		return len(answers) == 2
+	})
+	for _, a := range answers {
+		var res paymentResult
+		if err := json.Unmarshal([]byte(a), &res); err != nil || res.Status != "PAID" {
+			t.Errorf("the demo answered %s, want PAID both times: the event was decided again", a)
+		}
+	}
+	if n := count(t, dbURL, `SELECT count(*) FROM demo_payment_inbox WHERE event_id = $1`, ev.EventID); n != 1 {
+		t.Errorf("the demo's inbox holds the event %d times, want 1", n)
+	}
 }
 
 // childEnv makes the test binary run the service itself, as `go run .` would:
@@ -596,6 +657,9 @@ func TestOrderEventsStreamAChangeAppliedByAnotherReplica(t *testing.T) {
 	}
 }
 
+// An order's event stream is its user's own: another user's, or an unknown
+// order, is 404 problem+json, a malformed id 400, no user 401; and shutdown
+// ends an open stream within 5 s instead of waiting for it.
 func TestOrderEventsIsolationAndErrors(t *testing.T) {
 	b := newBroker(t, false)
 	s := startService(t, serviceEnv(newSchema(t), b))
@@ -639,6 +703,8 @@ var (
 	typeRE   = regexp.MustCompile(`^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary)$`)
 )
 
+// /metrics parses as Prometheus text (promtool) and counts what happened:
+// orders, events, results, the DLQ, the consumer's lag.
 func TestMetricsParseAndCount(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
@@ -828,6 +894,9 @@ func checkMonitoring(t *testing.T, promtool string, families map[string]string) 
 
 // --- shared commits ---
 
+// A shared commit keeps each request's own outcome: new orders are created, a
+// replay in the same batch gets the first order, a key reused with another
+// body conflicts; only a commit that wrote outbox rows wakes the relay.
 func TestSharedCommitKeepsPerRequestOutcomes(t *testing.T) {
 	dbURL := newSchema(t)
 	db := schemaPool(t, dbURL)

@@ -7,6 +7,7 @@ package main
 import (
 	"cmp"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"maps"
@@ -33,18 +34,11 @@ type metrics struct {
 	partitionChanges  [len(partitionChangeKinds)]atomic.Int64
 	deadLettered      [len(dlqReasons)]atomic.Int64
 	ordersRefused     [len(refusedReasons)]atomic.Int64
-	orderQueue        chan *createRequest // POST /orders waiting for a writer
 
 	// The pipeline, from an order's commit to its result.
 	publishLatency *histogram // commit → the broker's ack of its pay-order record
 	resultLatency  *histogram // creation → its payment result applied
 	relayBatch     *histogram // records per relay batch
-
-	// consumerLag reads the group's lag per partition of payment-results at
-	// scrape time; nil until the consumer is wired.
-	consumerLag func(context.Context) (map[int32]int64, error)
-	streams     *streamLimits  // the event streams' gauges, when set
-	conns       *limitListener // the HTTP connections' gauges, when set
 
 	mu       sync.Mutex
 	requests map[requestKey]int64
@@ -205,7 +199,17 @@ func (w *statusWriter) Write(b []byte) (int, error) {
 // Unwrap lets http.ResponseController reach Flush for Server-Sent Events.
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error) {
+// gauges are the parts whose state /metrics reads at each scrape, each built
+// before the server that serves them; a nil one is left out.
+type gauges struct {
+	database    func(context.Context) (databaseGauges, error)
+	orderQueue  func() (waiting, most int) // POST /orders waiting for a writer
+	streams     func() streamGauges
+	conns       func() (open, most int) // HTTP connections
+	consumerLag func(context.Context) (map[int32]int64, error)
+}
+
+func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error, orderQueue func() (waiting, most int)) {
 	counter := func(name, help string, v int64) {
 		fmt.Fprintf(w, "# HELP %s %s\n# TYPE %s counter\n%s %d\n", name, help, name, name, v)
 	}
@@ -217,10 +221,11 @@ func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error) {
 	for i, reason := range refusedReasons {
 		fmt.Fprintf(w, "orders_refused_total{reason=%q} %d\n", reason, m.ordersRefused[i].Load())
 	}
-	if m.orderQueue != nil {
-		fmt.Fprintf(w, "# HELP order_queue_waiting POST /orders waiting for a writer now.\n# TYPE order_queue_waiting gauge\norder_queue_waiting %d\n", len(m.orderQueue))
+	if orderQueue != nil {
+		waiting, most := orderQueue()
+		fmt.Fprintf(w, "# HELP order_queue_waiting POST /orders waiting for a writer now.\n# TYPE order_queue_waiting gauge\norder_queue_waiting %d\n", waiting)
 		fmt.Fprintf(w, "# HELP order_queue_max POST /orders that may wait for a writer (CREATE_QUEUE_MAX); past it, 503 at once.\n"+
-			"# TYPE order_queue_max gauge\norder_queue_max %d\n", cap(m.orderQueue))
+			"# TYPE order_queue_max gauge\norder_queue_max %d\n", most)
 	}
 	counter("outbox_events_published_total", "Outbox events published to Kafka.", m.eventsPublished.Load())
 	counter("outbox_publish_errors_total", "Relay batches that failed and were retried.", m.publishErrors.Load())
@@ -256,6 +261,19 @@ func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error) {
 		p.h.writeTo(w, p.name, "")
 	}
 
+	writeDatabase(w, stats, statsErr)
+	m.writeRequests(w)
+}
+
+// streamGauges is what /metrics shows of the event streams.
+type streamGauges struct {
+	open, max               int
+	refusedUser, refusedAll int64
+}
+
+// writeDatabase writes the outbox's and the database's gauges, read in one
+// round trip at the scrape, or that they could not be read.
+func writeDatabase(w io.Writer, stats databaseGauges, statsErr error) {
 	up := 1
 	if statsErr != nil {
 		up = 0
@@ -286,6 +304,11 @@ func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error) {
 		}
 	}
 
+}
+
+// writeRequests writes the HTTP requests served, by route and status, and
+// their durations.
+func (m *metrics) writeRequests(w io.Writer) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	fmt.Fprintf(w, "# HELP http_requests_total HTTP requests by route and status code.\n# TYPE http_requests_total counter\n")
@@ -315,34 +338,36 @@ func (m *metrics) write(w io.Writer, stats databaseGauges, statsErr error) {
 
 // writeStreams writes the HTTP connections and event streams open, their
 // caps, and the streams refused.
-func (m *metrics) writeStreams(w io.Writer) {
-	if m.conns != nil {
+func writeStreams(w io.Writer, connGauges func() (open, most int), streamGauges func() streamGauges) {
+	if connGauges != nil {
+		open, most := connGauges()
 		fmt.Fprintf(w, "# HELP http_connections_open HTTP connections open now.\n"+
-			"# TYPE http_connections_open gauge\nhttp_connections_open %d\n", m.conns.open.Load())
+			"# TYPE http_connections_open gauge\nhttp_connections_open %d\n", open)
 		fmt.Fprintf(w, "# HELP http_connections_max HTTP connections this process accepts at once; past it, new ones wait in the kernel's backlog.\n"+
-			"# TYPE http_connections_max gauge\nhttp_connections_max %d\n", m.conns.max())
+			"# TYPE http_connections_max gauge\nhttp_connections_max %d\n", most)
 	}
-	if m.streams == nil {
+	if streamGauges == nil {
 		return
 	}
+	streams := streamGauges()
 	fmt.Fprintf(w, "# HELP http_streams_open Event streams (GET /orders/{id}/events) open now.\n"+
-		"# TYPE http_streams_open gauge\nhttp_streams_open %d\n", m.streams.opened())
+		"# TYPE http_streams_open gauge\nhttp_streams_open %d\n", streams.open)
 	fmt.Fprintf(w, "# HELP http_streams_max Event streams this process may hold at once.\n"+
-		"# TYPE http_streams_max gauge\nhttp_streams_max %d\n", m.streams.max)
+		"# TYPE http_streams_max gauge\nhttp_streams_max %d\n", streams.max)
 	fmt.Fprintf(w, "# HELP http_streams_refused_total Event streams refused, by the cap reached: user (429) or all (503).\n"+
 		"# TYPE http_streams_refused_total counter\n"+
 		"http_streams_refused_total{cap=\"user\"} %d\nhttp_streams_refused_total{cap=\"all\"} %d\n",
-		m.streams.refusedUser.Load(), m.streams.refusedAll.Load())
+		streams.refusedUser, streams.refusedAll)
 }
 
 // writeLag writes the consumer group's lag on payment-results: records
 // written and not yet committed, per partition, from the group's committed
 // offsets and the log's start and end (three requests to the broker).
-func (m *metrics) writeLag(ctx context.Context, w io.Writer) {
-	if m.consumerLag == nil {
+func writeLag(ctx context.Context, w io.Writer, consumerLag func(context.Context) (map[int32]int64, error)) {
+	if consumerLag == nil {
 		return
 	}
-	lag, err := m.consumerLag(ctx)
+	lag, err := consumerLag(ctx)
 	up := 1
 	if err != nil {
 		up = 0
@@ -361,15 +386,19 @@ func (m *metrics) writeLag(ctx context.Context, w io.Writer) {
 }
 
 // handleMetrics serves /metrics; the database gauges cost one round trip.
-func handleMetrics(m *metrics, stats func(context.Context) (databaseGauges, error)) http.Handler {
+func handleMetrics(m *metrics, g gauges) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), 2*time.Second)
 		defer cancel()
-		s, err := stats(ctx)
+		var s databaseGauges
+		err := errors.New("no database")
+		if g.database != nil {
+			s, err = g.database(ctx)
+		}
 		w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-		m.write(w, s, err)
-		m.writeStreams(w)
-		m.writeLag(ctx, w)
+		m.write(w, s, err, g.orderQueue)
+		writeStreams(w, g.conns, g.streams)
+		writeLag(ctx, w, g.consumerLag)
 		writeRuntimeMetrics(w)
 	})
 }

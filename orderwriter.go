@@ -36,11 +36,12 @@ type orderWriter struct {
 }
 
 func newOrderWriter(db *pgxpool.Pool, topic string, maxBatch, queueMax int, m *metrics, created func()) *orderWriter {
-	w := &orderWriter{db: db, topic: topic, maxBatch: maxBatch, queue: make(chan *createRequest, queueMax),
+	return &orderWriter{db: db, topic: topic, maxBatch: maxBatch, queue: make(chan *createRequest, queueMax),
 		metrics: m, created: created}
-	m.orderQueue = w.queue
-	return w
 }
+
+// waiting is how many requests wait for a writer, and how many may.
+func (w *orderWriter) waiting() (n, most int) { return len(w.queue), cap(w.queue) }
 
 // errOverloaded: the request was refused unwritten, because more orders are
 // arriving than the writers can commit. A retry after a moment is safe.
@@ -182,9 +183,9 @@ func deref(s *string) string {
 	return *s
 }
 
-// errCommitOutcomeUnknown: a COMMIT went unanswered and the database could not
-// be asked in time whether it happened.
-var errCommitOutcomeUnknown = errors.New("the outcome of the commit is unknown")
+// requestDBTimeout is how long a request may spend in the database, from its
+// arrival: with settleTimeout after it, every answer comes within 5 s.
+const requestDBTimeout = 2500 * time.Millisecond
 
 // settleTimeout bounds how long a request waits, past its own deadline, to
 // learn what became of a COMMIT whose answer was lost: with requestDBTimeout,

@@ -5,7 +5,6 @@ package main
 import (
 	"cmp"
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -13,7 +12,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
@@ -336,25 +334,6 @@ func (noteProduceEnd) OnProduceRecordUnbuffered(rec *kgo.Record, _ error) {
 	if at, ok := rec.Context.Value(produceEndKey{}).(*time.Time); ok {
 		*at = time.Now()
 	}
-}
-
-// produceError marks a batch that failed at the broker, not at the database.
-type produceError struct{ err error }
-
-func (e produceError) Error() string { return e.err.Error() }
-func (e produceError) Unwrap() error { return e.err }
-
-// brokerUnavailable says a batch failed because the cluster did not take it
-// (unreachable, no leader, too few replicas, out of time), not because of
-// the database or of what the records are: a broker refusal that retrying
-// cannot cure (too large, not authorized) is the records' problem.
-func brokerUnavailable(err error) bool {
-	var pe produceError
-	if !errors.As(err, &pe) {
-		return false
-	}
-	var ke *kerr.Error
-	return !errors.As(err, &ke) || ke.Retriable
 }
 
 // pause waits d after a failed batch, but no longer than it takes a broker

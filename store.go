@@ -139,7 +139,7 @@ func orderAnswers(ctx context.Context, db dbtx, in []newOrder, inserted map[stri
 		}
 		o, hash, err := getOrderByIdempotencyKey(ctx, db, req.UserID, *req.IdempotencyKey)
 		switch {
-		case errors.Is(err, pgx.ErrNoRows) && !committed:
+		case errors.Is(err, errNotFound) && !committed:
 			results[i] = createResult{Err: errNotWritten}
 		case err != nil:
 			results[i] = createResult{Err: err}
@@ -151,10 +151,6 @@ func orderAnswers(ctx context.Context, db dbtx, in []newOrder, inserted map[stri
 	}
 	return results
 }
-
-// errNotWritten: the transaction of a commit whose answer was lost did not
-// store this order; a retry is safe.
-var errNotWritten = errors.New("the order was not stored: its transaction rolled back")
 
 // commitUnknownError is a pipeline whose answer was lost: the server process
 // proc may have committed its transaction, may yet, or may not.
@@ -228,6 +224,9 @@ func scanOrder(row pgx.Row, extra ...any) (Order, error) {
 	var o Order
 	err := row.Scan(append([]any{&o.ID, &o.UserID, &o.Amount, &o.Description, &o.Status, &o.FailureReason,
 		&o.CreatedAt, &o.UpdatedAt}, extra...)...)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return Order{}, errNotFound // the one place "no such order" is named
+	}
 	return o.utc(), err
 }
 
@@ -268,6 +267,21 @@ func notify(ctx context.Context, db dbtx, channel, payload string) error {
 type serverProcess struct {
 	PID   uint32
 	Start time.Time
+}
+
+// serverProcessKey keeps, in each pooled connection's CustomData, the server
+// process behind it as the server itself reports it (connectDB). The id the
+// connection's handshake announced is not enough: a pooler in session mode
+// hands its clients made-up ids, and settling a lost commit must end the real
+// process (endBackend).
+const serverProcessKey = "order-service.server-process"
+
+// serverProcessOf is the server process behind c (see serverProcessKey).
+func serverProcessOf(c *pgconn.PgConn) serverProcess {
+	if p, ok := c.CustomData()[serverProcessKey].(serverProcess); ok {
+		return p
+	}
+	return serverProcess{PID: c.PID()}
 }
 
 // getServerProcess asks the server which process serves this connection.
@@ -352,9 +366,6 @@ func getOrder(ctx context.Context, db dbtx, userID, id string) (Order, error) {
 		FROM orders
 		WHERE id = $1 AND user_id = $2`,
 		id, userID))
-	if errors.Is(err, pgx.ErrNoRows) {
-		return Order{}, errNotFound
-	}
 	if err != nil {
 		return Order{}, fmt.Errorf("get order: %w", err)
 	}
@@ -591,6 +602,15 @@ const outboxRowsByKey = `ARRAY(
 		    SELECT (SELECT ctid FROM outbox o WHERE o.transaction_id = k.transaction_id AND o.id = k.id)
 		    FROM unnest($1::xid8[], $2::bigint[]) AS k(transaction_id, id))`
 
+// paymentResult is a payment-results value. Unknown fields are accepted: the
+// Payment Service may add some without breaking us. Known ones must be spelled
+// exactly, once each (checkKeys).
+type paymentResult struct {
+	OrderID string  `json:"order_id"`
+	Status  string  `json:"status"`
+	Reason  *string `json:"reason"`
+}
+
 // applyPaymentResults moves PENDING orders to PAID or FAILED, a whole poll
 // of results in one transaction, and returns the ids it changed. The status
 // in the WHERE clause is what makes the consumer idempotent: a redelivered or
@@ -608,53 +628,37 @@ func applyPaymentResults(ctx context.Context, db *pgxpool.Pool, results []paymen
 	// changed maps each order that changed to its creation time, for the
 	// pipeline's latency.
 	changed := map[string]time.Time{}
-	var done []string
-	// BEGIN, the planner's settings and the UPDATE go in one round trip.
+	// BEGIN, the planner's settings, the UPDATE with its notifications
+	// (delivered at commit) and COMMIT go in one round trip.
 	b := &pgx.Batch{}
 	b.BeginTx(pgx.TxOptions{})
 	queuePlannerOff(b, "enable_seqscan")
 	b.Queue(`
-		UPDATE orders o
-		SET status = r.status, failure_reason = r.reason, updated_at = now()
-		FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(id, status, reason)
-		WHERE o.id = r.id AND o.status = 'PENDING'
-		RETURNING o.id::text, o.created_at`,
-		ids, statuses, reasons,
+		WITH changed AS (
+		    UPDATE orders o
+		    SET status = r.status, failure_reason = r.reason, updated_at = now()
+		    FROM unnest($1::uuid[], $2::text[], $3::text[]) AS r(id, status, reason)
+		    WHERE o.id = r.id AND o.status = 'PENDING'
+		    RETURNING o.id::text AS id, o.created_at)
+		SELECT id, created_at, pg_notify($4, id) FROM changed`,
+		ids, statuses, reasons, statusChannel,
 	).Query(func(rows pgx.Rows) error {
 		var id string
 		var created time.Time
-		_, err := pgx.ForEachRow(rows, []any{&id, &created}, func() error {
-			done = append(done, id)
+		_, err := pgx.ForEachRow(rows, []any{&id, &created, nil}, func() error {
 			changed[id] = created
 			return nil
 		})
 		return err
 	})
-	br := db.SendBatch(ctx, b)
-	tx := br.Tx()
-	defer tx.Rollback(ctx) //nolint:errcheck // a no-op after Commit
-	if err := br.Close(); err != nil {
+	if committed, err := sendTx(ctx, db, b); !committed {
 		return nil, fmt.Errorf("apply payment results: %w", err)
-	}
-	if err := notifyStatus(ctx, tx, done); err != nil {
-		return nil, err
-	}
-	if err := tx.Commit(ctx); err != nil {
-		return nil, fmt.Errorf("apply payment results: commit: %w", err)
 	}
 	return changed, nil
 }
 
-func notifyStatus(ctx context.Context, db dbtx, orderIDs []string) error {
-	if len(orderIDs) == 0 {
-		return nil
-	}
-	_, err := db.Exec(ctx, `SELECT pg_notify($1, id) FROM unnest($2::text[]) AS id`, statusChannel, orderIDs)
-	if err != nil {
-		return fmt.Errorf("notify status: %w", err)
-	}
-	return nil
-}
+// statusChannel carries the id of an order whose status just changed.
+const statusChannel = "order_service_status"
 
 // ordersNotPending returns those of ids whose orders are PAID or FAILED: the
 // event streams to wake after the LISTEN connection was down, one query for
@@ -796,4 +800,80 @@ func sendTx(ctx context.Context, db batchSender, b *pgx.Batch) (committed bool, 
 	defer br.Tx().Rollback(ctx) //nolint:errcheck // a no-op after COMMIT
 	err = br.Close()
 	return committed, err
+}
+
+// demoPayment is the demo Payment Service's decision on one pay-order
+// event (embedded.go).
+type demoPayment struct {
+	EventID, OrderID string
+	Status           string  // PAID or FAILED
+	Reason           *string // with FAILED
+	Repeated         bool    // the event was handled before: this is the decision stored then
+}
+
+// createDemoInbox creates the demo Payment Service's inbox, where it keeps
+// the event ids it has handled and what it decided for each: the dedupe a
+// Payment Service owes pay-order's at-least-once delivery (docs/api.md).
+// It is the demo's table, not the Order Service's, and exists only where
+// the demo has run.
+func createDemoInbox(ctx context.Context, db *pgxpool.Pool) error {
+	_, err := db.Exec(ctx, `
+		CREATE TABLE IF NOT EXISTS demo_payment_inbox (
+		    event_id   uuid PRIMARY KEY,
+		    order_id   uuid NOT NULL,
+		    status     text NOT NULL,
+		    reason     text,
+		    handled_at timestamptz NOT NULL DEFAULT now()
+		);
+		CREATE INDEX IF NOT EXISTS demo_payment_inbox_handled_at ON demo_payment_inbox (handled_at)`)
+	if err != nil {
+		return fmt.Errorf("create demo payment inbox: %w", err)
+	}
+	return nil
+}
+
+// recordDemoPayments stores the decision of each event not handled before
+// and returns, for every event in order, the decision in force: its own, or
+// the one stored when the event first came. ids must be distinct. One
+// statement, so the inbox row and the decision it returns commit together;
+// a Payment Service that moves money charges in the same transaction.
+func recordDemoPayments(ctx context.Context, db *pgxpool.Pool, ps []demoPayment) ([]demoPayment, error) {
+	n := len(ps)
+	events, orders, statuses, reasons := make([]string, n), make([]string, n), make([]string, n), make([]*string, n)
+	for i, p := range ps {
+		events[i], orders[i], statuses[i], reasons[i] = p.EventID, p.OrderID, p.Status, p.Reason
+	}
+	rows, _ := db.Query(ctx, `
+		WITH input AS (
+		    SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) WITH ORDINALITY
+		        AS i(event_id, order_id, status, reason, n)),
+		added AS (
+		    INSERT INTO demo_payment_inbox (event_id, order_id, status, reason)
+		    SELECT event_id, order_id, status, reason FROM input
+		    ON CONFLICT (event_id) DO NOTHING)
+		SELECT i.event_id::text, i.order_id::text, coalesce(d.status, i.status),
+		       CASE WHEN d.event_id IS NULL THEN i.reason ELSE d.reason END, d.event_id IS NOT NULL
+		FROM input i LEFT JOIN demo_payment_inbox d ON d.event_id = i.event_id
+		ORDER BY i.n`,
+		events, orders, statuses, reasons)
+	out, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (demoPayment, error) {
+		var p demoPayment
+		err := row.Scan(&p.EventID, &p.OrderID, &p.Status, &p.Reason, &p.Repeated)
+		return p, err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("record demo payments: %w", err)
+	}
+	return out, nil
+}
+
+// purgeDemoInbox deletes what the demo's inbox has kept for longer than
+// keep: an event that old is past pay-order's retention and cannot be
+// redelivered. The index on handled_at makes it read only what it deletes.
+func purgeDemoInbox(ctx context.Context, db *pgxpool.Pool, keep time.Duration) (int64, error) {
+	tag, err := db.Exec(ctx, `DELETE FROM demo_payment_inbox WHERE handled_at < now() - $1::interval`, keep)
+	if err != nil {
+		return 0, fmt.Errorf("purge demo payment inbox: %w", err)
+	}
+	return tag.RowsAffected(), nil
 }

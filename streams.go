@@ -77,6 +77,11 @@ func (l *streamLimits) acquire(user string) (release func(), refusal int) {
 	}, 0
 }
 
+// gauges are the streams open, the cap, and the refusals, for /metrics.
+func (l *streamLimits) gauges() streamGauges {
+	return streamGauges{open: l.opened(), max: l.max, refusedUser: l.refusedUser.Load(), refusedAll: l.refusedAll.Load()}
+}
+
 func (l *streamLimits) opened() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()

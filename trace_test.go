@@ -16,6 +16,9 @@ import (
 	"github.com/twmb/franz-go/pkg/kgo"
 )
 
+// traceparent is read as W3C Trace Context says (a later version read as 00,
+// a malformed header refused), and what the service writes is valid and
+// continues the trace it got.
 func TestTraceparentFollowsW3CRules(t *testing.T) {
 	const (
 		trace = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -112,6 +115,10 @@ func payOrderRecordOf(t *testing.T, b *broker, orderID string) *kgo.Record {
 	return rec
 }
 
+// A request's trace crosses the outbox: its trace id reaches the log, the
+// outbox row and the pay-order record (with this service's span as parent,
+// tracestate kept), and the payment result's trace reaches the log of the
+// status change.
 func TestTraceContextCrossesTheOutbox(t *testing.T) {
 	b := newBroker(t, false)
 	dbURL := newSchema(t)
