@@ -258,40 +258,6 @@ func publishLatencyBound(t *testing.T, baseURL string) string {
 	return "+Inf"
 }
 
-// Under the classic protocol, a replica with a static identity
-// (KAFKA_GROUP_INSTANCE_ID) that crashes and comes back takes its partitions
-// back at once; without one it would wait out the dead member's session
-// timeout (here 60 s). Under KIP-848 the broker refuses the identity of a
-// member that crashed until its session ends (UNRELEASED_INSTANCE_ID):
-// docs/design.md, "Consumer group protocols".
-func TestStaticMemberRestartsWithoutWaitingForTheSession(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	env := childEnvFor(dbURL, b)
-	env["KAFKA_GROUP_PROTOCOL"] = "classic"
-	env["KAFKA_GROUP_INSTANCE_ID"] = "replica-" + randomHex(4)
-	env["KAFKA_SESSION_TIMEOUT"] = "60s"
-	c := startChild(t, env)
-	c.waitReady(t)
-	user := newUser()
-	applied := func(url string) {
-		t.Helper()
-		o := do(t, "POST", url+"/orders", `{"amount": 1}`, "X-User-Id", user).order(t)
-		produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`)
-		waitFor(t, 20*time.Second, "the result applied", func() bool {
-			return count(t, dbURL, `SELECT count(*) FROM orders WHERE id = $1 AND status = 'PAID'`, o.ID) == 1
-		})
-	}
-	applied(c.url)
-	c.kill(t)
-	env["HTTP_ADDR"] = "127.0.0.1:" + freePort()
-	c2 := startChild(t, env)
-	c2.waitReady(t)
-	restarted := time.Now()
-	applied(c2.url) // within 20 s, a third of the session timeout
-	t.Logf("static member restarted after SIGKILL: a result applied %s after it was ready", time.Since(restarted).Round(time.Millisecond))
-}
-
 // wholeClusterReturns stops every node, creates 50 orders, keeps the cluster
 // down for 10s and starts it again: every event is published, the first
 // within 1s of every partition taking writes again. Not of the first: the

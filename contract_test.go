@@ -1,6 +1,7 @@
 package main
 
-// The documents beside the code — openapi.yaml, asyncapi.yaml, compose.yaml,
+// contract_test.go: the contracts hold. /metrics parses as Prometheus text
+// and counts what happened. The documents beside the code — openapi.yaml, asyncapi.yaml, compose.yaml,
 // Dockerfile — are parsed here and held to the code, so that none of them can
 // drift from what the service does. compose.yaml and the Dockerfile cannot be
 // run on the development machine (no Docker engine); these checks are what
@@ -8,9 +9,11 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"math"
 	"net/http"
 	"net/url"
 	"os"
@@ -18,6 +21,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"regexp"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -135,8 +139,7 @@ func TestAsyncAPIMatchesTheKafkaContract(t *testing.T) {
 	}
 
 	// pay-order: the documented fields are exactly what the relay sends.
-	b := newBroker(t, false)
-	s := startService(t, serviceEnv(newSchema(t), b))
+	b, _, s := startStack(t)
 	o := s.createOrder(t, newUser(), 1)
 	readPayOrders(t, b, []string{o.ID}, 10*time.Second)
 	var sent map[string]any
@@ -200,8 +203,7 @@ func TestSpecsHaveNoEmptyValues(t *testing.T) {
 // The service serves its own contracts, byte for byte: GET /openapi.yaml and
 // /asyncapi.yaml, as application/yaml.
 func TestSpecsAreServed(t *testing.T) {
-	b := newBroker(t, false)
-	s := startService(t, serviceEnv(newSchema(t), b))
+	_, _, s := startStack(t)
 	for path, want := range map[string][]byte{"/openapi.yaml": openapiYAML, "/asyncapi.yaml": asyncapiYAML} {
 		r := do(t, "GET", s.url+path, "")
 		if r.status != 200 || string(r.body) != string(want) || r.header.Get("Content-Type") != "application/yaml" {
@@ -415,8 +417,7 @@ var embedRE = regexp.MustCompile(`(?m)^\s*//go:embed (.+)$`)
 // The -healthcheck flag is the image's only probe: it must pass against a
 // live service and fail against a dead one.
 func TestHealthcheckFlag(t *testing.T) {
-	b := newBroker(t, false)
-	s := startService(t, serviceEnv(newSchema(t), b))
+	_, _, s := startStack(t)
 	probe := func(addr string) error {
 		cmd := exec.Command(os.Args[0], "-healthcheck")
 		cmd.Env = append(os.Environ(), childEnv+"=1", "HTTP_ADDR="+addr)
@@ -469,4 +470,126 @@ func TestKafkaVersionMatchesCompose(t *testing.T) {
 	if string(image[1]) != string(pinned[1]) {
 		t.Errorf("compose.yaml runs apache/kafka:%s but the tests fetch Kafka %s: change both together", image[1], pinned[1])
 	}
+}
+
+// /metrics parses as Prometheus text (promtool) and counts what happened:
+// orders, events, results, the DLQ, the consumer's lag.
+func TestMetricsParseAndCount(t *testing.T) {
+	b, dbURL, s := startStack(t)
+	user := newUser()
+	o := s.createOrder(t, user, 10)
+	do(t, "POST", s.url+"/orders", `{"amount": 0}`, "X-User-Id", user)
+	produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`, `garbage`)
+	waitCommitted(t, b)
+	waitDrained(t, dbURL) // the event published, so its latency observed
+	s.getOrder(t, user, o.ID)
+
+	r := do(t, "GET", s.url+"/metrics", "")
+	if r.status != 200 || !strings.HasPrefix(r.header.Get("Content-Type"), "text/plain; version=0.0.4") {
+		t.Fatalf("GET /metrics: %d %q", r.status, r.header.Get("Content-Type"))
+	}
+	types := map[string]string{}
+	samples := map[string]float64{}
+	for i, line := range strings.Split(strings.TrimSuffix(string(r.body), "\n"), "\n") {
+		if m := typeRE.FindStringSubmatch(line); m != nil {
+			types[m[1]] = m[2]
+			continue
+		}
+		if helpRE.MatchString(line) {
+			continue
+		}
+		m := sampleRE.FindStringSubmatch(line)
+		if m == nil {
+			t.Errorf("line %d does not parse: %q", i+1, line)
+			continue
+		}
+		family := m[1]
+		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+			if base, ok := strings.CutSuffix(family, suffix); ok && (types[base] == "histogram" || types[base] == "summary") {
+				family = base
+			}
+		}
+		if types[family] == "" {
+			t.Errorf("line %d: sample before its # TYPE: %q", i+1, line)
+		}
+		v, err := strconv.ParseFloat(m[3], 64)
+		if err != nil {
+			t.Errorf("line %d: value %q", i+1, m[3])
+		}
+		samples[m[1]+m[2]] = v
+	}
+	for sample, want := range map[string]float64{
+		"orders_created_total":                                     1,
+		"outbox_events_published_total":                            1,
+		`payment_results_applied_total{status="PAID"}`:             1,
+		`payment_results_dlq_total{reason="invalid"}`:              1,
+		`payment_results_dlq_total{reason="unknown_order"}`:        0,
+		`payment_results_dlq_total{reason="refused"}`:              0,
+		"outbox_backlog":                                           0,
+		"order_publish_latency_seconds_count":                      1,
+		"order_result_latency_seconds_count":                       1,
+		"outbox_relay_batch_records_count":                         1,
+		`outbox_relay_batch_records_bucket{le="1"}`:                1,
+		"payment_results_consumer_lag_up":                          1,
+		`go_info{version="` + runtime.Version() + `"}`:             1,
+		`http_requests_total{route="POST /orders",code="201"}`:     1,
+		`http_requests_total{route="POST /orders",code="400"}`:     1,
+		`http_requests_total{route="GET /orders/{id}",code="200"}`: 1,
+	} {
+		if got, ok := samples[sample]; !ok || got != want {
+			t.Errorf("%s = %v (present %v), want %v", sample, got, ok, want)
+		}
+	}
+	// The group has committed both records of payment-results: no lag.
+	var lag float64
+	for p := range 3 {
+		v, ok := samples[fmt.Sprintf(`payment_results_consumer_lag{partition="%d"}`, p)]
+		if !ok {
+			t.Errorf("no consumer lag for partition %d", p)
+		}
+		lag += v
+	}
+	if lag != 0 {
+		t.Errorf("consumer lag %v after every result was committed", lag)
+	}
+	// Runtime and process metrics, with the names Prometheus users expect.
+	for _, name := range []string{"go_goroutines", "go_threads", "go_memstats_heap_alloc_bytes", "go_memstats_sys_bytes",
+		"go_gc_duration_seconds_count", "process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds",
+		"process_max_fds", "process_virtual_memory_bytes"} {
+		if samples[name] <= 0 {
+			t.Errorf("%s = %v, want > 0", name, samples[name])
+		}
+	}
+	if start := samples["process_start_time_seconds"]; math.Abs(start-float64(time.Now().Unix())) > 3600 {
+		t.Errorf("process_start_time_seconds %v, now %d", start, time.Now().Unix())
+	}
+	// Histogram buckets are cumulative and end at the count.
+	prefix := `http_request_duration_seconds_bucket{route="POST /orders",le=`
+	var last float64
+	var les []string
+	for _, b := range durationBuckets {
+		les = append(les, strconv.FormatFloat(b, 'f', -1, 64))
+	}
+	for _, le := range append(les, "+Inf") {
+		v, ok := samples[prefix+`"`+le+`"}`]
+		if !ok || v < last {
+			t.Errorf("bucket le=%s: %v (present %v) after %v", le, v, ok, last)
+		}
+		last = v
+	}
+	if c := samples[`http_request_duration_seconds_count{route="POST /orders"}`]; c != last || c != 2 {
+		t.Errorf("count %v, +Inf bucket %v, want 2", c, last)
+	}
+
+	// Prometheus's own linter, where it is installed (CI installs it).
+	promtool, err := exec.LookPath("promtool")
+	if err != nil {
+		t.Skip("promtool not found: install Debian's prometheus package to lint /metrics")
+	}
+	cmd := exec.Command(promtool, "check", "metrics")
+	cmd.Stdin = bytes.NewReader(r.body)
+	if out, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) > 0 {
+		t.Errorf("promtool check metrics: %v\n%s", err, out)
+	}
+	checkMonitoring(t, promtool, types)
 }

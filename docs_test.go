@@ -463,3 +463,46 @@ func TestDocsPlaceEachFunctionInItsFile(t *testing.T) {
 // placedNames is a run of code spans ("`a`", "`a`, `b` and `c`") followed by
 // the file they are said to be in.
 var placedNames = regexp.MustCompile("((?:`[A-Za-z_][\\w.]*`(?:'s)?(?:,? and |, | or )?)+) (?:in |\\()\\[[^\\]]*\\]\\((?:\\.\\./)?(\\w+\\.go)\\)")
+
+// Tests are filed by promise: docs/testing.md's guarantee table has one
+// section per test file, each test it names is declared in its section's
+// file, and every test of the suite is named there.
+func TestGuaranteesAreFiledByPromise(t *testing.T) {
+	_, tests := goDecls(t)
+	page := readPage(t, "docs/testing.md")
+	file, table := "", false
+	named := map[string]bool{}
+	for _, line := range page.lines {
+		switch {
+		case strings.HasPrefix(line, "## "):
+			table = strings.HasPrefix(line, "## Every guarantee")
+			file = ""
+		case table && strings.HasPrefix(line, "### "):
+			file = ""
+			if m := sectionFile.FindStringSubmatch(line); m != nil {
+				file = m[1]
+			} else {
+				t.Errorf("docs/testing.md: section %q names no test file", line)
+			}
+		case table && strings.HasPrefix(line, "|") && file != "":
+			cells := strings.Split(line, "|")
+			for _, m := range codeSpan.FindAllStringSubmatch(cells[len(cells)-2], -1) {
+				if !testFuncName.MatchString(m[1]) {
+					continue
+				}
+				named[m[1]] = true
+				if tests[m[1]] != file {
+					t.Errorf("docs/testing.md files %s under %s; it is declared in %s", m[1], file, tests[m[1]])
+				}
+			}
+		}
+	}
+	for name, f := range tests {
+		if (strings.HasPrefix(name, "Test") || strings.HasPrefix(name, "Fuzz")) && name != "TestMain" && !named[name] {
+			t.Errorf("%s (%s) has no row in docs/testing.md's guarantee table", name, f)
+		}
+	}
+}
+
+// sectionFile is the test file a section of the guarantee table is for.
+var sectionFile = regexp.MustCompile(`^### .*\[(\w+_test\.go)\]\(\.\./\w+_test\.go\)\s*$`)

@@ -2,39 +2,34 @@ package main
 
 // edge_test.go: the HTTP edge against a careless or hostile client. Strict
 // JSON and content types, paths in their canonical form, bodies that stall,
-// ambiguous framing, and event streams as a bounded resource.
+// ambiguous framing, users kept apart; and the live status of an order, its
+// event streams a bounded resource.
 
 import (
 	"bufio"
-	"bytes"
 	"context"
-	"errors"
+	"encoding/base64"
 	"fmt"
 	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // The body is strict JSON: a field in another case, a duplicate key or a lone
 // surrogate is 400 naming it; a Content-Type other than JSON, none or curl's
 // form type is 415.
 func TestStrictJSONAndContentTypes(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	s := startService(t, serviceEnv(dbURL, b))
+	_, dbURL, s := startStack(t)
 	user := newUser()
 	for _, c := range []struct {
 		name, body, contentType string
@@ -93,9 +88,7 @@ func TestStrictJSONAndContentTypes(t *testing.T) {
 // is 404, never a redirect; a stalled body is 408 without addresses; a chunked
 // request closes its connection; 401 names its challenge.
 func TestEdgeAnswersAreTheContracts(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	s := startService(t, serviceEnv(dbURL, b))
+	_, dbURL, s := startStack(t)
 	user := newUser()
 	o := s.createOrder(t, user, 5)
 
@@ -243,9 +236,7 @@ func TestEventStreamsAreBounded(t *testing.T) {
 // A finished order's stream gives its final event, then 204 to an EventSource
 // that reconnects with it, so that a browser stops reconnecting.
 func TestFinishedOrderStreamEndsAnEventSource(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	s := startService(t, serviceEnv(dbURL, b))
+	b, _, s := startStack(t)
 	user := newUser()
 	o := s.createOrder(t, user, 5)
 	produce(t, b, b.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "PAID"}`)
@@ -426,180 +417,183 @@ func setTestRlimit() {
 	}
 }
 
-// A database that hangs (connections open, nothing answered) gets every
-// request its 503 within 5 s, the settling of a lost commit included: a
-// client that waits 5 s sees it. /readyz says which dependency is down and
-// not its error; a request whose client left is counted as 499.
-func TestHungDatabaseAnswersWithin5s(t *testing.T) {
-	b := newBroker(t, false)
-	schema := createSchema(t)
-	proxy, dbURL := newDBProxy(t, schema)
-	s := startService(t, serviceEnv(dbURL, b))
+// The stream is served by replica A, whose consumer reads another topic; the
+// result is applied by replica B. Only LISTEN/NOTIFY through PostgreSQL can
+// carry the change from B to A.
+func TestOrderEventsStreamAChangeAppliedByAnotherReplica(t *testing.T) {
+	dbURL := newSchema(t)
+	bA, bB := newBroker(t, false), newBroker(t, false)
+	a := startService(t, serviceEnv(dbURL, bA))
+	bsvc := startService(t, serviceEnv(dbURL, bB))
 	user := newUser()
-	// Connections used within the last second are handed out without a
-	// ping: the POSTs below then send their commit into the hang, and their
-	// outcome must be settled, within the same 5 s.
-	var warm sync.WaitGroup
-	for range 8 {
-		warm.Go(func() { s.createOrder(t, user, 1) })
-	}
-	warm.Wait()
+	o := bsvc.createOrder(t, user, 10)
 
-	proxy.hang(true)
-	client := &http.Client{Timeout: 5 * time.Second}
-	var unknown atomic.Int64 // 503s that say the outcome is unknown
-	var wg sync.WaitGroup
-	for i := range 8 {
-		wg.Go(func() {
-			req, _ := http.NewRequest("POST", s.url+"/orders", strings.NewReader(`{"amount": 5}`))
-			req.Header.Set("X-User-Id", user)
-			start := time.Now()
-			resp, err := client.Do(req)
-			if err != nil {
-				t.Errorf("POST %d with the database hung: %v after %s", i, err, time.Since(start).Round(time.Millisecond))
-				return
-			}
-			body, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
-				t.Errorf("POST %d with the database hung: %d, Retry-After %q", i, resp.StatusCode, resp.Header.Get("Retry-After"))
-			}
-			if strings.Contains(string(body), "did not confirm") {
-				unknown.Add(1)
-			}
-		})
+	resp, events := stream(t, a.url, user, o.ID)
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("status %d, Content-Type %q", resp.StatusCode, resp.Header.Get("Content-Type"))
 	}
-	// A client that gives up first.
-	wg.Go(func() {
-		req, _ := http.NewRequest("GET", s.url+"/orders", nil)
-		req.Header.Set("X-User-Id", user)
-		if _, err := (&http.Client{Timeout: 300 * time.Millisecond}).Do(req); err == nil {
-			t.Error("GET /orders answered with the database hung, within 300ms")
-		}
-	})
-	wg.Wait()
-	if n := metric(t, s.url, "order_commits_unanswered_total"); n == 0 {
-		t.Error("no commit went unanswered: the settle was not met")
+	first, _ := nextEvent(t, events, 5*time.Second)
+	if first.ID != o.ID || first.Status != "PENDING" {
+		t.Fatalf("first event %+v, want the PENDING order at once", first)
 	}
-	r := do(t, "GET", s.url+"/readyz", "")
-	if r.status != http.StatusServiceUnavailable || string(r.body) != `{"database":"unavailable","kafka":"ok"}`+"\n" {
-		t.Errorf("/readyz with the database hung: %d %s", r.status, r.body)
+	produce(t, bB, bB.topic(topicPaymentResults), o.ID, `{"order_id": "`+o.ID+`", "status": "FAILED", "reason": "card declined"}`)
+	second, _ := nextEvent(t, events, 10*time.Second)
+	if second.Status != "FAILED" || second.FailureReason == nil || *second.FailureReason != "card declined" {
+		t.Fatalf("second event %+v", second)
 	}
-	waitFor(t, 5*time.Second, "the abandoned request counted as 499", func() bool {
-		return strings.Contains(string(do(t, "GET", s.url+"/metrics", "").body), `http_requests_total{route="GET /orders",code="499"} 1`)
-	})
+	if _, open := nextEvent(t, events, 5*time.Second); open {
+		t.Error("the stream went on after a terminal status")
+	}
+	if got := metric(t, a.url, `payment_results_applied_total{status="FAILED"}`); got != 0 {
+		t.Errorf("replica A applied the result itself (%v); the test proves nothing", got)
+	}
 
-	proxy.hang(false)
-	waitFor(t, 20*time.Second, "POST /orders 201 after the database answered again", func() bool {
-		return do(t, "POST", s.url+"/orders", `{"amount": 6}`, "X-User-Id", user).status == http.StatusCreated
-	})
-	// A commit held by the hang reaches the server once it answers again;
-	// only an answer that said the outcome was unknown may have one.
-	if n := count(t, newSchemaURL(schema), `SELECT count(*) FROM orders WHERE amount = 5`); n > int(unknown.Load()) {
-		t.Errorf("%d orders stored by requests answered 503, %d of them saying the outcome was unknown", n, unknown.Load())
+	// A terminal order: one event, then the end.
+	_, events = stream(t, a.url, user, o.ID)
+	if ev, _ := nextEvent(t, events, 5*time.Second); ev.Status != "FAILED" {
+		t.Errorf("terminal order streamed %+v", ev)
+	}
+	if _, open := nextEvent(t, events, 5*time.Second); open {
+		t.Error("a terminal order's stream did not end")
 	}
 }
 
-// The errors that are not the server's answer to a statement, each made for
-// real: a connection the server refuses (here a database that allows none,
-// SQLSTATE 55000), an address nobody listens on, a connection that broke
-// mid-query, a connection used after it closed. Each is the database's
-// weather: 503, never 500.
-func TestConnectionErrorsAreTransient(t *testing.T) {
-	ctx := context.Background()
-	admin, err := pgx.Connect(ctx, testDBURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close(ctx)
-	closed := "order_service_test_closed_" + randomHex(4)
-	if _, err := admin.Exec(ctx, "CREATE DATABASE "+closed+" ALLOW_CONNECTIONS false"); err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Exec(ctx, "DROP DATABASE "+closed) //nolint:errcheck // best effort
-	errs := map[string]error{}
-
-	_, err = pgx.Connect(ctx, withParam(testDBURL, "dbname", closed))
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) || pgErr.Code != "55000" {
-		t.Fatalf("connect to a database that allows no connections: %v, want SQLSTATE 55000", err)
-	}
-	errs["database not accepting connections (55000)"] = err
-
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	addr := ln.Addr().String()
-	ln.Close()
-	_, errs["nobody listening"] = pgx.Connect(ctx, "postgres://u@"+addr+"/db?connect_timeout=2")
-
-	victim, err := pgx.Connect(ctx, testDBURL)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pid := victim.PgConn().PID()
-	var ender sync.WaitGroup
-	ender.Go(func() {
-		time.Sleep(200 * time.Millisecond)
-		admin.Exec(ctx, `SELECT pg_terminate_backend($1)`, pid) //nolint:errcheck // the query below says
-	})
-	_, errs["connection ended mid-query"] = victim.Exec(ctx, `SELECT pg_sleep(5)`)
-	ender.Wait()
-	_, errs["connection used after it closed"] = victim.Exec(ctx, `SELECT 1`)
-
-	for what, err := range errs {
-		if err == nil {
-			t.Errorf("%s: no error", what)
-			continue
-		}
-		if wrapped := fmt.Errorf("context: %w", err); !dbTransient(wrapped) || dbPermanent(wrapped) {
-			t.Errorf("%s (%v): transient %v, permanent %v; want transient", what, err, dbTransient(wrapped), dbPermanent(wrapped))
-		}
-	}
-}
-
-// Two users may pick the same Idempotency-Key: each replay answers the
-// caller's own order, never the other's.
-func TestIdempotencyKeyIsScopedToItsUser(t *testing.T) {
-	b := newBroker(t, false)
-	s := startService(t, serviceEnv(newSchema(t), b))
-	alice, bob := newUser(), newUser()
-	const body = `{"amount": 5}`
-	first := do(t, "POST", s.url+"/orders", body, "X-User-Id", alice, "Idempotency-Key", "k1")
-	second := do(t, "POST", s.url+"/orders", body, "X-User-Id", bob, "Idempotency-Key", "k1")
-	if first.status != http.StatusCreated || second.status != http.StatusCreated {
-		t.Fatalf("first orders: %d, %d; want 201 each", first.status, second.status)
-	}
+// An order's event stream is its user's own: another user's, or an unknown
+// order, is 404 problem+json, a malformed id 400, no user 401; and shutdown
+// ends an open stream within 5 s instead of waiting for it.
+func TestOrderEventsIsolationAndErrors(t *testing.T) {
+	_, _, s := startStack(t)
+	alice := newUser()
+	o := s.createOrder(t, alice, 10)
 	for _, c := range []struct {
-		user string
-		want Order
-	}{{alice, first.order(t)}, {bob, second.order(t)}} {
-		r := do(t, "POST", s.url+"/orders", body, "X-User-Id", c.user, "Idempotency-Key", "k1")
-		if r.status != http.StatusOK || r.order(t).ID != c.want.ID {
-			t.Errorf("%s's replay: %d %s, want 200 with %s", c.user, r.status, r.body, c.want.ID)
+		user, id string
+		status   int
+	}{
+		{newUser(), o.ID, 404},
+		{alice, "01890000-0000-7000-8000-000000000000", 404},
+		{alice, "nope", 400},
+		{"", o.ID, 401},
+	} {
+		r := do(t, "GET", s.url+"/orders/"+c.id+"/events", "", "X-User-Id", c.user)
+		if r.status != c.status || r.header.Get("Content-Type") != "application/problem+json" {
+			t.Errorf("events of %s as %q: %d %s, want %d", c.id, c.user, r.status, r.body, c.status)
 		}
+	}
+
+	// Shutdown ends open streams instead of waiting for them.
+	_, events := stream(t, s.url, alice, o.ID)
+	nextEvent(t, events, 5*time.Second)
+	start := time.Now()
+	if err := s.stop(t); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("shutdown with an open stream took %s", d)
+	}
+	if _, open := nextEvent(t, events, 5*time.Second); open {
+		t.Error("stream still open after shutdown")
 	}
 }
 
-// Records that name the same repeat are written once per repeatInterval, the
-// next one written saying how many were left out; others pass untouched.
-func TestRepeatedFailuresAreLoggedOncePerInterval(t *testing.T) {
-	var out bytes.Buffer
-	log := slog.New(newQuietHandler(slog.NewTextHandler(&out, nil)))
-	t0 := time.Now()
-	write := func(at time.Duration, msg string, args ...any) {
-		r := slog.NewRecord(t0.Add(at), slog.LevelWarn, msg, 0)
-		r.Add(args...)
-		if err := log.Handler().Handle(context.Background(), r); err != nil {
+// Hostile HTTP gets a clear answer and changes nothing it should not:
+// oversized headers 431, a slow client cut off by the header timeout, SQL
+// meta-characters stored verbatim, a bad cursor 400, unknown routes and
+// methods problem+json, another user's order never visible.
+func TestHostileHTTP(t *testing.T) {
+	_, dbURL, s := startStack(t)
+
+	t.Run("huge header is 431", func(t *testing.T) {
+		r := do(t, "GET", s.url+"/orders", "", "X-User-Id", "u", "X-Padding", strings.Repeat("p", 100<<10))
+		if r.status != http.StatusRequestHeaderFieldsTooLarge {
+			t.Errorf("status %d", r.status)
+		}
+	})
+
+	t.Run("slow client is cut off by the header timeout", func(t *testing.T) {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(s.url, "http://"))
+		if err != nil {
 			t.Fatal(err)
 		}
-	}
-	for i := range 100 { // 100 failures over 9.9 s
-		write(time.Duration(i)*99*time.Millisecond, "database unavailable", repeatsKey, "db", "err", "down")
-	}
-	write(5*time.Second, "payment result sent to DLQ", "offset", 7) // not a repeat: always written
-	write(11*time.Second, "database unavailable", repeatsKey, "db", "err", "down")
-	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
-	if len(lines) != 3 || !strings.Contains(lines[0], "database unavailable") || strings.Contains(lines[0], repeatsKey) ||
-		!strings.Contains(lines[1], "sent to DLQ") || !strings.Contains(lines[2], "repeated=99 since=11s") {
-		t.Errorf("want the first failure, the DLQ line, and one line for the 99 left out; got:\n%s", out.String())
-	}
+		defer conn.Close()
+		fmt.Fprint(conn, "POST /orders HTTP/1.1\r\nHost: x\r\nX-User-Id: slow\r\n") // and never the rest
+		start := time.Now()
+		conn.SetReadDeadline(time.Now().Add(15 * time.Second))
+		_, err = io.ReadAll(conn)
+		if d := time.Since(start); err != nil || d > 8*time.Second {
+			t.Errorf("connection still open after %s (err %v); want it closed after the 5s header timeout", d, err)
+		}
+	})
+
+	t.Run("SQL meta-characters are stored verbatim", func(t *testing.T) {
+		user := `O'Brien"; DROP TABLE orders; --`
+		desc := `'); DELETE FROM outbox; -- %_\ $1 ::text` + "\t\u00a0😀"
+		body := fmt.Sprintf(`{"amount": 5, "description": %q}`, desc)
+		r := do(t, "POST", s.url+"/orders", body, "X-User-Id", user)
+		if r.status != http.StatusCreated {
+			t.Fatalf("%d %s", r.status, r.body)
+		}
+		o := r.order(t)
+		got := s.getOrder(t, user, o.ID)
+		if got.UserID != user || got.Description != desc {
+			t.Errorf("read back %q %q", got.UserID, got.Description)
+		}
+		if n := count(t, dbURL, `SELECT count(*) FROM orders WHERE user_id = $1 AND description = $2`, user, desc); n != 1 {
+			t.Errorf("stored row does not match byte for byte")
+		}
+	})
+
+	t.Run("a cursor outside its documented format is 400; any inside it is a page", func(t *testing.T) {
+		id := newUUID()
+		for _, cursor := range []string{
+			"9223372036854775807." + id, // beyond PostgreSQL's timestamps (22008)
+			"253402300800000000." + id,  // year 10000
+			"-1." + id, "+1." + id, " 1." + id, "1." + strings.ToUpper(id), "1." + id + ".", "." + id, "1.",
+			base64.RawURLEncoding.EncodeToString([]byte("1." + id)), // the format before
+		} {
+			r := do(t, "GET", s.url+"/orders?cursor="+url.QueryEscape(cursor), "", "X-User-Id", "u")
+			if r.status != http.StatusBadRequest || r.header.Get("Content-Type") != "application/problem+json" {
+				t.Errorf("cursor %q: %d %s", cursor, r.status, r.body)
+			}
+		}
+		for _, cursor := range []string{"0." + id, "99999999999999999." + id, "00000000000000001." + id} {
+			r := do(t, "GET", s.url+"/orders?cursor="+url.QueryEscape(cursor), "", "X-User-Id", "u")
+			if r.status != http.StatusOK {
+				t.Errorf("cursor %q: %d %s, want 200", cursor, r.status, r.body)
+			}
+		}
+	})
+
+	t.Run("unknown routes and wrong methods are problem+json", func(t *testing.T) {
+		r := do(t, "GET", s.url+"/nowhere", "", "X-User-Id", "u")
+		var p problem
+		r.json(t, &p)
+		if r.status != http.StatusNotFound || r.header.Get("Content-Type") != "application/problem+json" || p.Status != 404 || p.Detail == "" {
+			t.Errorf("unknown route: %d %s %s", r.status, r.header.Get("Content-Type"), r.body)
+		}
+		r = do(t, "DELETE", s.url+"/orders", "", "X-User-Id", "u")
+		r.json(t, &p)
+		if r.status != http.StatusMethodNotAllowed || r.header.Get("Content-Type") != "application/problem+json" ||
+			p.Status != 405 || !strings.Contains(r.header.Get("Allow"), "POST") || !strings.Contains(p.Detail, "GET") {
+			t.Errorf("wrong method: %d %v %s", r.status, r.header, r.body)
+		}
+	})
+
+	t.Run("another user's order is never visible", func(t *testing.T) {
+		alice := newUser()
+		o := s.createOrder(t, alice, 77)
+		do(t, "POST", s.url+"/orders", `{"amount": 78}`, "X-User-Id", alice, "Idempotency-Key", "shared")
+		for _, other := range []string{newUser(), strings.ToUpper(alice), alice + "x", "x" + alice, alice[:len(alice)-1]} {
+			if r := do(t, "GET", s.url+"/orders/"+o.ID, "", "X-User-Id", other); r.status != http.StatusNotFound {
+				t.Errorf("GET as %q: %d %s", other, r.status, r.body)
+			}
+			r := do(t, "GET", s.url+"/orders?limit=500", "", "X-User-Id", other)
+			if strings.Contains(string(r.body), o.ID) {
+				t.Errorf("list as %q shows alice's order", other)
+			}
+			r = do(t, "POST", s.url+"/orders", `{"amount": 78}`, "X-User-Id", other, "Idempotency-Key", "shared")
+			if r.status != http.StatusCreated || r.order(t).UserID != other {
+				t.Errorf("idempotency key of another user: %d %s", r.status, r.body)
+			}
+		}
+	})
 }

@@ -15,14 +15,17 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -851,4 +854,223 @@ func indexStat(t testing.TB, dbURL, index, column string) int {
 	t.Helper()
 	return count(t, dbURL, `SELECT coalesce(`+column+`, 0) FROM pg_stat_user_indexes
 		WHERE schemaname = current_schema() AND indexrelname = $1`, index)
+}
+
+// waitClaimed waits until some outbox row is claimed: the relay has leased it
+// and waits on the broker.
+func waitClaimed(t testing.TB, dbURL string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "the relay holding claimed rows", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox WHERE lease_until > now()`) > 0
+	})
+}
+
+// testLogger writes to the test's log.
+func testLogger(t testing.TB) *slog.Logger {
+	return slog.New(slog.NewTextHandler(testWriter{t}, nil))
+}
+
+type testWriter struct{ t testing.TB }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// child is the service running as a separate process (this test binary,
+// re-executed), so a test can SIGKILL or SIGTERM it.
+type child struct {
+	cmd    *exec.Cmd
+	url    string
+	out    *logBuffer
+	stderr *logBuffer
+	done   chan struct{}
+	err    error
+}
+
+// startChild starts the service with env (HTTP_ADDR must name a port).
+func startChild(t testing.TB, env map[string]string) *child {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	// The race detector sleeps a second at exit unless told not to; the
+	// shutdown tests time the exit.
+	cmd.Env = append(os.Environ(), childEnv+"=1", "GORACE=atexit_sleep_ms=0")
+	for k, v := range env {
+		cmd.Env = append(cmd.Env, k+"="+v)
+	}
+	c := &child{cmd: cmd, url: "http://" + env["HTTP_ADDR"], out: &logBuffer{}, stderr: &logBuffer{}, done: make(chan struct{})}
+	cmd.Stdout, cmd.Stderr = c.out, c.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start child: %v", err)
+	}
+	go func() {
+		c.err = cmd.Wait()
+		close(c.done)
+	}()
+	t.Cleanup(func() {
+		cmd.Process.Kill()
+		<-c.done
+		if t.Failed() {
+			t.Logf("child logs:\n%s%s", c.out, c.stderr)
+		}
+	})
+	return c
+}
+
+func (c *child) waitReady(t testing.TB) {
+	t.Helper()
+	waitFor(t, 20*time.Second, "child /healthz", func() bool {
+		select {
+		case <-c.done:
+			t.Fatalf("child exited during start: %v\n%s%s", c.err, c.out, c.stderr)
+		default:
+		}
+		resp, err := http.Get(c.url + "/healthz")
+		if err != nil {
+			return false
+		}
+		resp.Body.Close()
+		return resp.StatusCode == http.StatusOK
+	})
+}
+
+func (c *child) kill(t testing.TB) {
+	t.Helper()
+	if err := c.cmd.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatalf("kill child: %v", err)
+	}
+	<-c.done
+}
+
+// sigterm sends SIGTERM and waits for the exit, failing the test if none
+// comes within wait; it returns how long the exit took.
+func (c *child) sigterm(t testing.TB, wait time.Duration) time.Duration {
+	t.Helper()
+	signalled := time.Now()
+	if err := c.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-c.done:
+	case <-time.After(wait):
+		t.Fatalf("still running %s after SIGTERM", wait)
+	}
+	return time.Since(signalled)
+}
+
+func childEnvFor(dbURL string, b *broker) map[string]string {
+	env := serviceEnv(dbURL, b)
+	env["HTTP_ADDR"] = "127.0.0.1:" + freePort()
+	return env
+}
+
+func freePort() string {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		panic(err)
+	}
+	defer ln.Close()
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	return port
+}
+
+// metric reads one sample of the service's /metrics.
+func metric(t testing.TB, baseURL, sample string) float64 {
+	t.Helper()
+	r := do(t, "GET", baseURL+"/metrics", "")
+	for _, line := range strings.Split(string(r.body), "\n") {
+		if v, ok := strings.CutPrefix(line, sample+" "); ok {
+			f, err := strconv.ParseFloat(v, 64)
+			if err != nil {
+				t.Fatalf("metric %s: %v", line, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("no sample %s in /metrics:\n%s", sample, r.body)
+	return 0
+}
+
+func orderIDs(t testing.TB, dbURL string) []string {
+	t.Helper()
+	rows, err := schemaPool(t, dbURL).Query(context.Background(), `SELECT id::text FROM orders`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rows.Close()
+	var ids []string
+	for rows.Next() {
+		var id string
+		if err := rows.Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	if err := rows.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return ids
+}
+
+// committedAt sums the group's committed offsets on payment-results.
+func committedAt(t testing.TB, b *broker) int64 {
+	t.Helper()
+	adm, closeAdm := adminClient(t, b)
+	defer closeAdm()
+	offs, err := adm.FetchOffsets(context.Background(), b.topic(consumerGroup))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sum int64
+	offs.Each(func(o kadm.OffsetResponse) {
+		if o.Topic == b.topic(topicPaymentResults) && o.At > 0 {
+			sum += o.At
+		}
+	})
+	return sum
+}
+
+// createPromptly creates n orders and wants each answered within 1s, whatever
+// Kafka is doing: the outbox, not the broker, is on a request's path.
+func createPromptly(t *testing.T, s *service, user string, n int, while string) []string {
+	t.Helper()
+	var ids []string
+	for range n {
+		start := time.Now()
+		ids = append(ids, s.createOrder(t, user, 2).ID)
+		if d := time.Since(start); d > time.Second {
+			t.Errorf("POST took %s %s", d, while)
+		}
+	}
+	return ids
+}
+
+func waitDrained(t *testing.T, dbURL string) {
+	t.Helper()
+	waitFor(t, 10*time.Second, "outbox drained", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox`) == 0
+	})
+}
+
+// insertEvents commits n events for topic (keys "1" to "n") in one statement
+// and wakes the relay: a backlog that appears at once, as after an outage.
+func insertEvents(t testing.TB, dbURL, topic string, n int) {
+	t.Helper()
+	if _, err := schemaPool(t, dbURL).Exec(context.Background(), `
+		WITH e AS (
+		    INSERT INTO outbox (topic, key, event_id, payload)
+		    SELECT $1, g::text, gen_random_uuid(), '{}' FROM generate_series(1, $2::int) AS g
+		)
+		SELECT pg_notify($3, '')`, topic, n, outboxChannel); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// startStack starts what most tests need: a broker (in process, or
+// KAFKA_BROKERS'), a fresh schema, and the service on them.
+func startStack(t testing.TB) (b *broker, dbURL string, s *service) {
+	t.Helper()
+	b = newBroker(t, false)
+	dbURL = newSchema(t)
+	return b, dbURL, startService(t, serviceEnv(dbURL, b))
 }

@@ -47,9 +47,7 @@ func kafkaTool(t *testing.T, stdin string, class string, args ...string) string 
 // applied.
 func TestKafkaConsoleToolsSpeakTheContract(t *testing.T) {
 	kafkaScript(t)
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	s := startService(t, serviceEnv(dbURL, b))
+	b, _, s := startStack(t)
 	user := newUser()
 	o := s.createOrder(t, user, 1234)
 	readPayOrders(t, b, []string{o.ID}, 10*time.Second)

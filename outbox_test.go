@@ -1,9 +1,11 @@
 package main
 
-// outbox_test.go: the outbox's life cycle. A published event's row is
-// deleted, so the table holds only the backlog and returns to nothing after
-// one drains; a database of an earlier version upgrades in place; and an idle
-// service reads no table by sequential scan, whatever its history.
+// outbox_test.go: the relay and the outbox's life cycle. A commit wakes the
+// relay; a published event's row is deleted, so the table holds only the
+// backlog and returns to nothing after one drains; claims cost the same
+// whatever vacuum can do and whatever the statistics say; a stalled replica
+// or partition holds up no other; a database of an earlier version upgrades
+// in place; and an idle service reads no table by sequential scan.
 
 import (
 	"context"
@@ -14,12 +16,15 @@ import (
 	"reflect"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/twmb/franz-go/pkg/kerr"
 	"github.com/twmb/franz-go/pkg/kgo"
+	"github.com/twmb/franz-go/pkg/kmsg"
 )
 
 // A database left by an earlier version upgrades in place at start: its
@@ -190,9 +195,7 @@ func TestIdleServiceScansNoTable(t *testing.T) {
 // relay's floor moved past it), is published all the same: nothing is
 // skipped for committing late.
 func TestLateCommitIsPublished(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	s := startService(t, serviceEnv(dbURL, b))
+	b, dbURL, s := startStack(t)
 	ctx := context.Background()
 	late, err := schemaPool(t, dbURL).Begin(ctx)
 	if err != nil {
@@ -455,9 +458,7 @@ func (n planNode) shape() string {
 // transaction that has its own transaction id, by its age in transactions and
 // in seconds; and the outbox rows it keeps dead.
 func TestHeldHorizonShowsInMetrics(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	s := startService(t, serviceEnv(dbURL, b))
+	b, _, s := startStack(t)
 	if got := metric(t, s.url, `database_xmin_horizon_age_seconds{holder="session"}`); got > 5 {
 		t.Fatalf("a horizon held for %v s before the test holds one", got)
 	}
@@ -481,5 +482,235 @@ func TestHeldHorizonShowsInMetrics(t *testing.T) {
 		if got := metric(t, s.url, `database_xmin_horizon_age_transactions{holder="`+kind+`"}`); got != 0 {
 			t.Errorf("%s holds an xmin %v transactions old; none exists", kind, got)
 		}
+	}
+}
+
+// With the fallback poll an hour away, only the wake-up that follows the
+// order's commit (notifier.announce) can get its event out within the
+// deadline.
+func TestRelayWakesOnCommitAndDeletesPublishedRows(t *testing.T) {
+	b := newBroker(t, false)
+	dbURL := newSchema(t)
+	env := serviceEnv(dbURL, b)
+	env["RELAY_POLL_INTERVAL"] = "1h"
+	s := startService(t, env)
+	user := newUser()
+	for range 3 {
+		// Let the relay go idle (waiting on NOTIFY) before each order.
+		time.Sleep(50 * time.Millisecond) // not a wait for a condition: it sets one up
+		o := s.createOrder(t, user, 1)
+		readPayOrders(t, b, []string{o.ID}, 3*time.Second)
+	}
+	waitFor(t, 10*time.Second, "published rows deleted", func() bool {
+		return count(t, dbURL, `SELECT count(*) FROM outbox`) == 0
+	})
+	if n := count(t, dbURL, `SELECT count(*) FROM orders`); n != 3 {
+		t.Errorf("the relay's deletes touched orders: %d left", n)
+	}
+}
+
+// Every drop of the LISTEN connection is followed by a reconnect within a
+// second, however many came before (the backoff counts failures in a row).
+func TestListenReconnectsPromptlyAfterEveryDrop(t *testing.T) {
+	db := schemaPool(t, newSchema(t))
+	n := newNotifier(db, testLogger(t), nil, outboxChannel)
+	connected, unsubscribe := n.subscribe(outboxChannel, "")
+	defer unsubscribe()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		n.run(ctx)
+	}()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	<-connected // each (re)connect signals every subscriber
+	for i := range 10 {
+		if _, err := testDB.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+			WHERE datname = current_database() AND application_name = $1`, listenApplicationName); err != nil {
+			t.Fatal(err)
+		}
+		dropped := time.Now()
+		select {
+		case <-connected:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("drop %d: no reconnect within 5s", i+1)
+		}
+		if d := time.Since(dropped); d > time.Second {
+			t.Errorf("drop %d: reconnected after %s, want within 1s", i+1, d.Round(time.Millisecond))
+		}
+	}
+}
+
+// A partition that takes no write does not hold back the events of the other
+// partitions: the relay marks what the broker acknowledged and leaves the
+// rest for the next try. (Against a 3-node cluster this is a killed leader:
+// its partitions wait for a new one, the others go on.)
+func TestRelayPublishesThePartitionsThatTakeWrites(t *testing.T) {
+	b, dbURL, s, user := startWithBrokerFaults(t)
+	const (
+		normal = iota
+		refuseAll
+		refusePartition0 // the others acknowledged (and not stored: the test reads the outbox)
+	)
+	var mode atomic.Int32
+	mode.Store(refuseAll)
+	b.cluster.ControlKey(kmsg.Produce.Int16(), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		m := mode.Load()
+		if m == normal {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		resp := refuseProduce(req.(*kmsg.ProduceRequest), kerr.NotEnoughReplicas)
+		for i := range resp.Topics {
+			for j := range resp.Topics[i].Partitions {
+				if p := &resp.Topics[i].Partitions[j]; m == refusePartition0 && p.Partition != 0 {
+					p.ErrorCode = 0
+				}
+			}
+		}
+		return resp, nil, true
+	})
+	// Thirty orders wait in the outbox, so that every claim holds records
+	// of every partition.
+	var ids []string
+	for range 30 {
+		ids = append(ids, s.createOrder(t, user, 2).ID)
+	}
+	published := func() int { // the outbox deletes a row once its event is published
+		return len(ids) - count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = ANY($1)`, ids)
+	}
+	if n := published(); n != 0 {
+		t.Fatalf("%d events published while every write was refused", n)
+	}
+	// One try of all thirty has failed: from now on each claim holds them all.
+	waitFor(t, 10*time.Second, "a failed try of all 30 records", func() bool {
+		return strings.Contains(s.logs.String(), "of 30 records")
+	})
+	mode.Store(refusePartition0)
+	waitFor(t, 10*time.Second, "the events of partitions 1 and 2 published while partition 0 refuses", func() bool { return published() > 0 })
+	if n := published(); n == len(ids) {
+		t.Errorf("all %d events published while partition 0 refused every write", n)
+	}
+	mode.Store(normal)
+	waitDrained(t, dbURL)
+}
+
+// An event is stamped published when the broker acknowledged its record, not
+// when its batch ended: a batch ends with its slowest partition, which may
+// retry for the whole produce deadline while the others were written at once.
+// The same moment is what order_publish_latency_seconds observes.
+func TestPublishLatencyIsEachRecordsAcknowledgement(t *testing.T) {
+	b := newBroker(t, true)
+	dbURL := newSchema(t)
+	s := startService(t, serviceEnv(dbURL, b)) // the 10s produce deadline
+	var (
+		acked    atomic.Int64 // records of partitions 1 and 2, acknowledged (not stored) in the first request
+		ackedAt  atomic.Int64 // when, in Unix microseconds
+		refusals atomic.Int32 // of partition 0 since then
+		holding  atomic.Bool
+	)
+	holding.Store(true)
+	b.cluster.ControlKey(kmsg.Produce.Int16(), func(req kmsg.Request) (kmsg.Response, error, bool) {
+		if !holding.Load() {
+			return nil, nil, false
+		}
+		b.cluster.KeepControl()
+		pr := req.(*kmsg.ProduceRequest)
+		resp := refuseProduce(pr, kerr.NotEnoughReplicas)
+		for i, rt := range pr.Topics {
+			for j, rp := range rt.Partitions {
+				if rp.Partition == 0 {
+					refusals.Add(1)
+					continue
+				}
+				var batch kmsg.RecordBatch
+				if err := batch.ReadFrom(rp.Records); err != nil {
+					t.Errorf("record batch of partition %d: %v", rp.Partition, err)
+				}
+				acked.Add(int64(batch.NumRecords))
+				resp.Topics[i].Partitions[j].ErrorCode = 0
+			}
+		}
+		if ackedAt.Load() == 0 && acked.Load() > 0 {
+			refusals.Store(0)
+			ackedAt.Store(time.Now().UnixMicro())
+		}
+		return resp, nil, true
+	})
+	// Thirty events in one commit, so that the first claim holds them all.
+	const events = 30
+	insertEvents(t, dbURL, b.topic(topicPayOrder), events)
+	// kgo retries partition 0 after 50ms, 100ms, 200ms, 250ms, ...: four
+	// refusals after the others' acknowledgement put 600ms or more between
+	// the two.
+	waitFor(t, 10*time.Second, "partition 0 refused four times after the others were acknowledged", func() bool {
+		return ackedAt.Load() != 0 && refusals.Load() >= 4
+	})
+	var created time.Time
+	if err := schemaPool(t, dbURL).QueryRow(context.Background(), `SELECT max(created_at) FROM outbox`).Scan(&created); err != nil {
+		t.Fatal(err)
+	}
+	holding.Store(false)
+	released := time.Now()
+	waitDrained(t, dbURL)
+
+	first := time.UnixMicro(ackedAt.Load())
+	t.Logf("%d events acknowledged %s after their commit, %s before partition 0 took its %d",
+		acked.Load(), first.Sub(created).Round(time.Millisecond), released.Sub(first).Round(time.Millisecond), events-acked.Load())
+	if acked.Load() == 0 || acked.Load() == events {
+		t.Fatalf("%d of %d records in partitions 1 and 2: the test needs both kinds", acked.Load(), events)
+	}
+	if d := first.Sub(created); d > 400*time.Millisecond {
+		t.Fatalf("the first acknowledgement came %s after the commit: too late to tell it from partition 0's", d)
+	}
+	// Each record's latency is its own acknowledgement: those acknowledged
+	// at once fall within 0.5s, partition 0's after it. Observed at the
+	// batch's end, all thirty would fall after.
+	if n := metric(t, s.url, "order_publish_latency_seconds_count"); n != events {
+		t.Errorf("order_publish_latency_seconds_count %v, want %d", n, events)
+	}
+	if n := metric(t, s.url, `order_publish_latency_seconds_bucket{le="0.5"}`); n != float64(acked.Load()) {
+		t.Errorf("%v publish latencies within 0.5s, want the %d acknowledged before partition 0 took writes", n, acked.Load())
+	}
+}
+
+// A relay whose broker stalls holds its claimed rows, and the other replica's
+// relay publishes everything else meanwhile: SKIP LOCKED, not waiting on the
+// held rows. The replicas share the database but not the broker, so that
+// only one of them stalls. The other replica never polls: it learns of the
+// stalled one's new orders only from its announcement (notifier.announce).
+func TestStalledReplicaDoesNotHoldUpTheOther(t *testing.T) {
+	bA, bB := newBroker(t, true), newBroker(t, true)
+	dbURL := newSchema(t)
+	envA := serviceEnv(dbURL, bA)
+	envA["RELAY_PRODUCE_TIMEOUT"] = "1m"
+	envA["SHUTDOWN_TIMEOUT"] = "2s" // it abandons the stalled batch at exit
+	a := startService(t, envA)
+	user := newUser()
+	readPayOrders(t, bA, []string{a.createOrder(t, user, 1).ID}, 10*time.Second)
+	release := swallow(bA, kmsg.Produce)
+	defer release()
+	held := a.createOrder(t, user, 2)
+	waitClaimed(t, dbURL)
+
+	// B's broker, with A's topic names: the replicas' outbox rows name
+	// their topic, so both must use the same ones.
+	envB := serviceEnv(dbURL, bB)
+	envB["KAFKA_TOPIC_PREFIX"] = bA.prefix
+	envB["RELAY_POLL_INTERVAL"] = "1h"
+	bB = &broker{addrs: bB.addrs, prefix: bA.prefix, cluster: bB.cluster}
+	b := startService(t, envB)
+	var ids []string
+	for range 20 {
+		ids = append(ids, b.createOrder(t, user, 3).ID)
+	}
+	readPayOrders(t, bB, ids, 10*time.Second)
+	fromA := a.createOrder(t, user, 4)
+	readPayOrders(t, bB, []string{fromA.ID}, 5*time.Second)
+	if n := count(t, dbURL, `SELECT count(*) FROM outbox WHERE key = $1`, held.ID); n != 1 {
+		t.Errorf("the stalled replica's row was published meanwhile")
 	}
 }
