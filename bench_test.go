@@ -18,7 +18,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -1241,16 +1240,7 @@ func BenchmarkGroupSession(b *testing.B) {
 // applied and how many partitions the stopped one lost meanwhile.
 func replicaPause(b *testing.B, br *broker, extra map[string]string, pause time.Duration) (took time.Duration, lost int) {
 	b.Helper()
-	dbURL := newSchema(b)
-	replica := func() *child {
-		env := childEnvFor(dbURL, br)
-		maps.Copy(env, extra)
-		return startChild(b, env)
-	}
-	a, c := replica(), replica()
-	a.waitReady(b)
-	c.waitReady(b)
-	waitOwning(b, a.url, c.url)
+	dbURL, a, c := twoReplicas(b, br, extra)
 	user := newUser()
 	var ids []string
 	for range 30 {

@@ -160,6 +160,24 @@ func TestClusterFailures(t *testing.T) {
 		}
 	})
 
+	// A session the brokers refuse (compose.yaml's minimum is 6 s): the
+	// service starts all the same, says so once, shows the session in
+	// force (the brokers' default, 45 s), and applies results as before.
+	t.Run("a group session the brokers refuse", func(t *testing.T) {
+		b, _, s, user := c.serviceOnEnv(t, map[string]string{"KAFKA_SESSION_TIMEOUT": "5s"})
+		session := func() float64 { return metric(t, s.url, "payment_results_group_session_seconds") }
+		waitFor(t, 30*time.Second, "the session in force known", func() bool { return session() > 0 })
+		if got := session(); got != 45 {
+			t.Errorf("payment_results_group_session_seconds %v, want the brokers' default 45", got)
+		}
+		o := s.createOrder(t, user, 5)
+		producePaid(t, b, o.ID)
+		waitFor(t, 30*time.Second, "the result applied", func() bool { return s.getOrder(t, user, o.ID).Status == "PAID" })
+		if n := strings.Count(s.logs.String(), "the broker refused the group's session"); n != 1 {
+			t.Errorf("the refusal was logged %d times, want once:\n%s", n, s.logs.String())
+		}
+	})
+
 	t.Run("a rebalance while results flow", func(t *testing.T) {
 		b := c.broker()
 		dbURL := newSchema(t)

@@ -217,22 +217,31 @@ func TestStaticMemberRestartsWithoutWaitingForTheSession(t *testing.T) {
 	t.Logf("static member restarted after SIGKILL: a result applied %s after it was ready", time.Since(restarted).Round(time.Millisecond))
 }
 
+// twoReplicas starts two replicas of the service as child processes on b and
+// a fresh schema (childEnvFor, with extra), and returns once each owns
+// partitions of payment-results.
+func twoReplicas(t testing.TB, b *broker, extra map[string]string) (dbURL string, a, c *child) {
+	t.Helper()
+	dbURL = newSchema(t)
+	replica := func() *child {
+		env := childEnvFor(dbURL, b)
+		maps.Copy(env, extra)
+		return startChild(t, env)
+	}
+	a, c = replica(), replica()
+	a.waitReady(t)
+	c.waitReady(t)
+	waitOwning(t, a.url, c.url)
+	return dbURL, a, c
+}
+
 // replicaCrashRecovery starts two replicas on b (serviceEnv, with extra),
 // SIGKILLs one while orders keep coming to the other, writes a result for
 // each of 30 orders spread over the partitions, and returns the group's
 // session in force and how long after the kill the last result was applied.
 func replicaCrashRecovery(t testing.TB, b *broker, extra map[string]string) (session, took time.Duration) {
 	t.Helper()
-	dbURL := newSchema(t)
-	replica := func() *child {
-		env := childEnvFor(dbURL, b)
-		maps.Copy(env, extra)
-		return startChild(t, env)
-	}
-	a, c := replica(), replica()
-	a.waitReady(t)
-	c.waitReady(t)
-	waitOwning(t, a.url, c.url)
+	dbURL, a, c := twoReplicas(t, b, extra)
 	session = time.Duration(metric(t, a.url, "payment_results_group_session_seconds") * float64(time.Second))
 	user := newUser()
 	var ids []string
