@@ -459,7 +459,7 @@ func crashThenClusterRestart(t testing.TB, c *kafkaCluster, extra map[string]str
 }
 
 // BenchmarkGroupRecovery measures crashThenClusterRestart for each group
-// protocol and setting (docs/performance.md). It needs KAFKA_SCRIPT and takes
+// protocol and setting (docs/history.md). It needs KAFKA_SCRIPT and takes
 // minutes: run with -benchtime=1x.
 func BenchmarkGroupRecovery(b *testing.B) {
 	c := startKafkaCluster(b)

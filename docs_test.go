@@ -18,8 +18,15 @@ import (
 	"unicode"
 )
 
-// maxREADME is the README's budget: what a newcomer reads before the code.
-const maxREADME = 15000
+// The teaching pages' budgets: what a newcomer reads before the code, and
+// all that a learner reads. History pages (measurements, the breakage log,
+// benchmark runs) are not teaching pages and have none.
+const (
+	maxREADME        = 15000
+	maxTeachingPages = 60000
+)
+
+var historyPage = regexp.MustCompile(`(?i)history|breakage|bench|changelog`)
 
 var (
 	mdLink       = regexp.MustCompile(`\[([^\]]*)\]\(([^)\s]+)\)`)
@@ -135,13 +142,9 @@ func goDecls(t *testing.T) (code, tests map[string]string) {
 }
 
 // Every relative link and anchor of the README and docs/ resolves, every page
-// is reached from the README, every test a page names exists, a link named for
-// a function leads to the file that declares it, and the README keeps within
-// its budget.
+// is reached from the README, every test a page names exists, and a link
+// named for a function leads to the file that declares it.
 func TestDocsLinksResolve(t *testing.T) {
-	if fi, err := os.Stat("README.md"); err != nil || fi.Size() > maxREADME {
-		t.Errorf("README.md is %d bytes, over its budget of %d: the rest belongs in docs/", fi.Size(), maxREADME)
-	}
 	code, tests := goDecls(t)
 	pages := map[string]mdPage{}
 	files := markdownFiles(t)
@@ -506,3 +509,68 @@ func TestGuaranteesAreFiledByPromise(t *testing.T) {
 
 // sectionFile is the test file a section of the guarantee table is for.
 var sectionFile = regexp.MustCompile(`^### .*\[(\w+_test\.go)\]\(\.\./\w+_test\.go\)\s*$`)
+
+// The README keeps within its budget, and the teaching pages (the README and
+// docs/*.md but the history pages) within theirs: what is true now, not how
+// it came to be.
+func TestTeachingPagesKeepTheirBudget(t *testing.T) {
+	pages, _ := filepath.Glob("docs/*.md")
+	total := 0
+	for _, p := range append([]string{"README.md"}, pages...) {
+		if historyPage.MatchString(p) {
+			continue
+		}
+		fi, err := os.Stat(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p == "README.md" && fi.Size() > maxREADME {
+			t.Errorf("README.md is %d bytes, over its budget of %d: the rest belongs in docs/", fi.Size(), maxREADME)
+		}
+		total += int(fi.Size())
+	}
+	if total > maxTeachingPages {
+		t.Errorf("the teaching pages hold %d bytes, over their budget of %d: measurements and stories belong in docs/history.md or docs/bench/", total, maxTeachingPages)
+	}
+	t.Logf("teaching pages: %d bytes of %d", total, maxTeachingPages)
+}
+
+// Every alert of monitoring/alerts.yml has its entry in docs/operations.md's
+// Troubleshooting, and every entry there named for an alert is one.
+func TestEveryAlertHasItsTroubleshootingEntry(t *testing.T) {
+	b, err := os.ReadFile("monitoring/alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	alerts := map[string]bool{}
+	for _, m := range regexp.MustCompile(`(?m)^\s*- alert: (\w+)`).FindAllStringSubmatch(string(b), -1) {
+		alerts[m[1]] = true
+	}
+	if len(alerts) < 5 {
+		t.Fatalf("%d alerts found in monitoring/alerts.yml, want its rules", len(alerts))
+	}
+	entries := map[string]bool{}
+	section := false
+	for _, line := range readPage(t, "docs/operations.md").lines {
+		if strings.HasPrefix(line, "## ") {
+			section = strings.TrimSpace(line) == "## Troubleshooting"
+			continue
+		}
+		if !section || !strings.HasPrefix(line, "- ") {
+			continue
+		}
+		for _, m := range regexp.MustCompile("\\*\\*`(OrderService\\w+)`\\*\\*").FindAllStringSubmatch(line, -1) {
+			entries[m[1]] = true
+		}
+	}
+	for a := range alerts {
+		if !entries[a] {
+			t.Errorf("docs/operations.md's Troubleshooting has no entry for the alert %s", a)
+		}
+	}
+	for e := range entries {
+		if !alerts[e] {
+			t.Errorf("docs/operations.md's Troubleshooting has an entry for %s, which monitoring/alerts.yml does not define", e)
+		}
+	}
+}

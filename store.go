@@ -460,7 +460,7 @@ type outboxFloor struct {
 //     primary key reads one row per result. The consumer turns off
 //     sequential scans.
 //
-// docs/design.md has the measurements.
+// docs/history.md has the measurements.
 func queuePlannerOff(b *pgx.Batch, settings ...string) {
 	b.Queue(`
 		SELECT set_config(name, 'off', true) FROM unnest($1::text[]) AS name
