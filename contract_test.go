@@ -581,6 +581,8 @@ func TestMetricsParseAndCount(t *testing.T) {
 		t.Errorf("count %v, +Inf bucket %v, want 2", c, last)
 	}
 
+	checkMetricsTable(t, types)
+
 	// Prometheus's own linter, where it is installed (CI installs it).
 	promtool, err := exec.LookPath("promtool")
 	if err != nil {
@@ -592,4 +594,113 @@ func TestMetricsParseAndCount(t *testing.T) {
 		t.Errorf("promtool check metrics: %v\n%s", err, out)
 	}
 	checkMonitoring(t, promtool, types)
+}
+
+var (
+	sampleRE = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$`)
+	helpRE   = regexp.MustCompile(`^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) \S.*$`)
+	typeRE   = regexp.MustCompile(`^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary)$`)
+)
+
+// checkMonitoring holds monitoring/ to the service: every metric the alerting
+// rules and the dashboard name is one /metrics serves (families: its TYPE
+// lines); the rules and each dashboard query are valid PromQL (promtool check
+// rules); the rules' unit tests pass (promtool test rules).
+func checkMonitoring(t *testing.T, promtool string, families map[string]string) {
+	t.Helper()
+	rules, err := os.ReadFile("monitoring/alerts.yml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dash struct {
+		Panels []struct {
+			Title   string
+			Targets []struct{ Expr string }
+		}
+	}
+	b, err := os.ReadFile("monitoring/dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &dash); err != nil {
+		t.Fatalf("dashboard.json: %v", err)
+	}
+	var exprs []string
+	for _, p := range dash.Panels {
+		for _, q := range p.Targets {
+			exprs = append(exprs, q.Expr)
+		}
+	}
+	if len(exprs) < 20 {
+		t.Errorf("the dashboard has %d queries", len(exprs))
+	}
+	metricRE := regexp.MustCompile(`\b(?:orders?|outbox|payment_results|http|database|go|process)_[a-z0-9_]+\b`)
+	for _, name := range metricRE.FindAllString(string(rules)+"\n"+strings.Join(exprs, "\n"), -1) {
+		family := name
+		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
+			if base, ok := strings.CutSuffix(name, suffix); ok && families[base] != "" {
+				family = base
+			}
+		}
+		if families[family] == "" {
+			t.Errorf("monitoring/ names %s, which /metrics does not serve", name)
+		}
+	}
+	// Each dashboard query as a recording rule, for promtool to parse.
+	var gen strings.Builder
+	gen.WriteString("groups:\n  - name: dashboard\n    rules:\n")
+	for i, e := range exprs {
+		fmt.Fprintf(&gen, "      - record: dashboard:query%d\n        expr: %s\n", i, strconv.Quote(e))
+	}
+	genFile := t.TempDir() + "/dashboard-queries.yml"
+	if err := os.WriteFile(genFile, []byte(gen.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"check", "rules", "monitoring/alerts.yml"},
+		{"check", "rules", genFile},
+		{"test", "rules", "monitoring/alerts_test.yml"},
+	} {
+		if out, err := exec.Command(promtool, args...).CombinedOutput(); err != nil {
+			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+}
+
+// checkMetricsTable holds docs/operations.md's table of metrics to /metrics
+// (families: its TYPE lines): every metric the table names is served, and
+// every family served has its row; a name ending in * stands for its prefix.
+func checkMetricsTable(t *testing.T, families map[string]string) {
+	t.Helper()
+	named := map[string]bool{}
+	var prefixes []string
+	section := false
+	for _, line := range readPage(t, "docs/operations.md").lines {
+		if strings.HasPrefix(line, "## ") {
+			section = strings.TrimSpace(line) == "## Metrics"
+			continue
+		}
+		if !section || !strings.HasPrefix(line, "| `") {
+			continue
+		}
+		for _, m := range codeSpan.FindAllStringSubmatch(strings.Split(line, "|")[1], -1) {
+			name, _, _ := strings.Cut(m[1], "{")
+			if p, ok := strings.CutSuffix(name, "*"); ok {
+				prefixes = append(prefixes, p)
+				continue
+			}
+			named[name] = true
+			if families[name] == "" {
+				t.Errorf("docs/operations.md's metrics table names %s, which /metrics does not serve", name)
+			}
+		}
+	}
+	if len(named) < 10 {
+		t.Fatalf("docs/operations.md's metrics table names %d metrics, want its table", len(named))
+	}
+	for f := range families {
+		if !named[f] && !slices.ContainsFunc(prefixes, func(p string) bool { return strings.HasPrefix(f, p) }) {
+			t.Errorf("/metrics serves %s, which docs/operations.md's metrics table does not name", f)
+		}
+	}
 }

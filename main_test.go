@@ -19,9 +19,6 @@ import (
 	"math/big"
 	"net/http"
 	"net/url"
-	"os"
-	"os/exec"
-	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -501,79 +498,6 @@ func childMain() {
 // --- live status (Server-Sent Events) ---
 
 type sseEvent struct{ name, data string }
-
-// --- metrics ---
-
-var (
-	sampleRE = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)$`)
-	helpRE   = regexp.MustCompile(`^# HELP ([a-zA-Z_:][a-zA-Z0-9_:]*) \S.*$`)
-	typeRE   = regexp.MustCompile(`^# TYPE ([a-zA-Z_:][a-zA-Z0-9_:]*) (counter|gauge|histogram|summary)$`)
-)
-
-// checkMonitoring holds monitoring/ to the service: every metric the alerting
-// rules and the dashboard name is one /metrics serves (families: its TYPE
-// lines); the rules and each dashboard query are valid PromQL (promtool check
-// rules); the rules' unit tests pass (promtool test rules).
-func checkMonitoring(t *testing.T, promtool string, families map[string]string) {
-	t.Helper()
-	rules, err := os.ReadFile("monitoring/alerts.yml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var dash struct {
-		Panels []struct {
-			Title   string
-			Targets []struct{ Expr string }
-		}
-	}
-	b, err := os.ReadFile("monitoring/dashboard.json")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := json.Unmarshal(b, &dash); err != nil {
-		t.Fatalf("dashboard.json: %v", err)
-	}
-	var exprs []string
-	for _, p := range dash.Panels {
-		for _, q := range p.Targets {
-			exprs = append(exprs, q.Expr)
-		}
-	}
-	if len(exprs) < 20 {
-		t.Errorf("the dashboard has %d queries", len(exprs))
-	}
-	metricRE := regexp.MustCompile(`\b(?:orders?|outbox|payment_results|http|database|go|process)_[a-z0-9_]+\b`)
-	for _, name := range metricRE.FindAllString(string(rules)+"\n"+strings.Join(exprs, "\n"), -1) {
-		family := name
-		for _, suffix := range []string{"_bucket", "_sum", "_count"} {
-			if base, ok := strings.CutSuffix(name, suffix); ok && families[base] != "" {
-				family = base
-			}
-		}
-		if families[family] == "" {
-			t.Errorf("monitoring/ names %s, which /metrics does not serve", name)
-		}
-	}
-	// Each dashboard query as a recording rule, for promtool to parse.
-	var gen strings.Builder
-	gen.WriteString("groups:\n  - name: dashboard\n    rules:\n")
-	for i, e := range exprs {
-		fmt.Fprintf(&gen, "      - record: dashboard:query%d\n        expr: %s\n", i, strconv.Quote(e))
-	}
-	genFile := t.TempDir() + "/dashboard-queries.yml"
-	if err := os.WriteFile(genFile, []byte(gen.String()), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	for _, args := range [][]string{
-		{"check", "rules", "monitoring/alerts.yml"},
-		{"check", "rules", genFile},
-		{"test", "rules", "monitoring/alerts_test.yml"},
-	} {
-		if out, err := exec.Command(promtool, args...).CombinedOutput(); err != nil {
-			t.Errorf("promtool %s: %v\n%s", strings.Join(args, " "), err, out)
-		}
-	}
-}
 
 // --- shared commits ---
 
