@@ -674,13 +674,8 @@ func checkMetricsTable(t *testing.T, families map[string]string) {
 	t.Helper()
 	named := map[string]bool{}
 	var prefixes []string
-	section := false
-	for _, line := range readPage(t, "docs/operations.md").lines {
-		if strings.HasPrefix(line, "## ") {
-			section = strings.TrimSpace(line) == "## Metrics"
-			continue
-		}
-		if !section || !strings.HasPrefix(line, "| `") {
+	for _, line := range sectionLines(t, "docs/operations.md", "Metrics") {
+		if !strings.HasPrefix(line, "| `") {
 			continue
 		}
 		for _, m := range codeSpan.FindAllStringSubmatch(strings.Split(line, "|")[1], -1) {

@@ -83,6 +83,24 @@ func readPage(t *testing.T, path string) mdPage {
 	return p
 }
 
+// sectionLines is the lines of a page's "## heading" section, code blocks
+// left out.
+func sectionLines(t *testing.T, path, heading string) []string {
+	t.Helper()
+	var lines []string
+	in := false
+	for _, line := range readPage(t, path).lines {
+		if strings.HasPrefix(line, "## ") {
+			in = strings.TrimSpace(line) == "## "+heading
+			continue
+		}
+		if in {
+			lines = append(lines, line)
+		}
+	}
+	return lines
+}
+
 // slug is GitHub's anchor for a heading: lower case, punctuation dropped
 // (but - and _), spaces made hyphens.
 func slug(heading string) string {
@@ -414,13 +432,8 @@ func TestEveryTestSaysItsPromise(t *testing.T) {
 // opens one knows what it is for.
 func TestLayoutNamesEveryFile(t *testing.T) {
 	named := map[string]bool{}
-	layout := false
-	for _, line := range readPage(t, "README.md").lines {
-		if strings.HasPrefix(line, "## ") {
-			layout = strings.TrimSpace(line) == "## Layout"
-			continue
-		}
-		if layout && strings.HasPrefix(line, "|") {
+	for _, line := range sectionLines(t, "README.md", "Layout") {
+		if strings.HasPrefix(line, "|") {
 			first := strings.Split(line, "|")[1]
 			for _, m := range codeSpan.FindAllStringSubmatch(first, -1) {
 				named[m[1]] = true
@@ -550,13 +563,8 @@ func TestEveryAlertHasItsTroubleshootingEntry(t *testing.T) {
 		t.Fatalf("%d alerts found in monitoring/alerts.yml, want its rules", len(alerts))
 	}
 	entries := map[string]bool{}
-	section := false
-	for _, line := range readPage(t, "docs/operations.md").lines {
-		if strings.HasPrefix(line, "## ") {
-			section = strings.TrimSpace(line) == "## Troubleshooting"
-			continue
-		}
-		if !section || !strings.HasPrefix(line, "- ") {
+	for _, line := range sectionLines(t, "docs/operations.md", "Troubleshooting") {
+		if !strings.HasPrefix(line, "- ") {
 			continue
 		}
 		for _, m := range regexp.MustCompile("\\*\\*`(OrderService\\w+)`\\*\\*").FindAllStringSubmatch(line, -1) {
