@@ -29,6 +29,10 @@ as_pg() {
 # flush before it answers a COMMIT (synchronous_commit=on, SYNC='*': any one
 # standby); the standby has none of its own to wait for (SYNC=''), so once
 # promoted it commits alone, as a failover manager would reconfigure it.
+# A standby whose primary just died can sit out a whole
+# wal_retrieve_retry_interval (5s by default) before it acts on a promote
+# ("received promote request", then "waiting for WAL to become available");
+# 200ms keeps a promotion inside the failover tests' windows.
 conf() {
   cat <<EOF
 listen_addresses = '127.0.0.1'
@@ -41,6 +45,7 @@ synchronous_standby_names = '$3'
 synchronous_commit = on
 wal_sender_timeout = 5s
 wal_receiver_status_interval = 1s
+wal_retrieve_retry_interval = 200ms
 log_min_messages = warning
 EOF
 }
