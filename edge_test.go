@@ -171,13 +171,11 @@ func rawExchange(t *testing.T, addr, req string, wait time.Duration) (status int
 // Event streams are capped in all (503) and per user (429), with Retry-After
 // and the connection closed, and end at their lifetime.
 func TestEventStreamsAreBounded(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	env := serviceEnv(dbURL, b)
-	env["STREAMS_MAX"] = "4"
-	env["STREAMS_PER_USER"] = "2"
-	env["STREAM_MAX_LIFETIME"] = "2s"
-	s := startService(t, env)
+	_, _, s := startStackWith(t, map[string]string{
+		"STREAMS_MAX":         "4",
+		"STREAMS_PER_USER":    "2",
+		"STREAM_MAX_LIFETIME": "2s",
+	})
 	users := []string{newUser(), newUser(), newUser()}
 	o := s.createOrder(t, users[0], 5)
 	streamOf := func(user string) (*http.Response, <-chan sseEvent) {

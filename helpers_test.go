@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/url"
@@ -1070,7 +1071,16 @@ func insertEvents(t testing.TB, dbURL, topic string, n int) {
 // KAFKA_BROKERS'), a fresh schema, and the service on them.
 func startStack(t testing.TB) (b *broker, dbURL string, s *service) {
 	t.Helper()
+	return startStackWith(t, nil)
+}
+
+// startStackWith is startStack with settings added to the service's
+// environment.
+func startStackWith(t testing.TB, settings map[string]string) (b *broker, dbURL string, s *service) {
+	t.Helper()
 	b = newBroker(t, false)
 	dbURL = newSchema(t)
-	return b, dbURL, startService(t, serviceEnv(dbURL, b))
+	env := serviceEnv(dbURL, b)
+	maps.Copy(env, settings)
+	return b, dbURL, startService(t, env)
 }

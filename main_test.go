@@ -447,11 +447,9 @@ func TestGoRunWithEmbeddedBroker(t *testing.T) {
 // comes again, even one whose amount would now be refused, is answered with
 // the decision stored the first time, and its inbox holds the event once.
 func TestDemoPaymentServiceDecidesEachEventOnce(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	env := serviceEnv(dbURL, b)
-	env["DEMO_PAYMENTS"] = "true"
-	s := startService(t, env)
+	b, dbURL, s := startStackWith(t, map[string]string{
+		"DEMO_PAYMENTS": "true",
+	})
 	user := newUser()
 	o := s.createOrder(t, user, 1000)
 	waitFor(t, 15*time.Second, "the demo paying the order", func() bool { return s.getOrder(t, user, o.ID).Status == "PAID" })

@@ -489,11 +489,9 @@ func TestHeldHorizonShowsInMetrics(t *testing.T) {
 // order's commit (notifier.announce) can get its event out within the
 // deadline.
 func TestRelayWakesOnCommitAndDeletesPublishedRows(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	env := serviceEnv(dbURL, b)
-	env["RELAY_POLL_INTERVAL"] = "1h"
-	s := startService(t, env)
+	b, dbURL, s := startStackWith(t, map[string]string{
+		"RELAY_POLL_INTERVAL": "1h",
+	})
 	user := newUser()
 	for range 3 {
 		// Let the relay go idle (waiting on NOTIFY) before each order.

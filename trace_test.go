@@ -120,11 +120,9 @@ func payOrderRecordOf(t *testing.T, b *broker, orderID string) *kgo.Record {
 // tracestate kept), and the payment result's trace reaches the log of the
 // status change.
 func TestTraceContextCrossesTheOutbox(t *testing.T) {
-	b := newBroker(t, false)
-	dbURL := newSchema(t)
-	env := serviceEnv(dbURL, b)
-	env["LOG_FORMAT"] = "json"
-	s := startService(t, env)
+	b, _, s := startStackWith(t, map[string]string{
+		"LOG_FORMAT": "json",
+	})
 	user := newUser()
 	const (
 		trace  = "4bf92f3577b34da6a3ce929d0e0e4736"
